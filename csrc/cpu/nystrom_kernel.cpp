@@ -1,0 +1,586 @@
+// CPU kernels of the Nyström attention forward and backward ops.
+//
+// Work is split into tasks over (batch, head, row tile) and run with
+// at::parallel_for. Every task works on a tile of at most kTile rows, so no
+// (n x n) matrix, and no (n x m) matrix for a whole head, is ever
+// materialised: the long products F·W and Bm·V are computed a tile at a
+// time, with the row statistics (log-sum-exp) kept for the backward pass.
+// The small per-head matrices (landmarks, A, the Newton–Schulz iterates)
+// live in per-head buffers. All arithmetic runs in float32 (float64 for
+// float64 inputs); half-precision inputs are converted a tile at a time.
+//
+// The partition into tiles depends only on the problem size, never on the
+// number of threads, and every reduction is done in a fixed order, so the
+// results are bitwise reproducible.
+#include "nystrom_common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace nystrom {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// Rows per tile of the long (sequence-length) dimension.
+constexpr int64_t kTile = 512;
+
+enum class Kind { kEmpty, kExact, kNystrom };
+
+// What one batch element looks like after padding is removed.
+struct Element {
+  int64_t Lb = 0;  // real queries
+  int64_t Sb = 0;  // real keys
+  int64_t mq = 0;  // query landmarks
+  int64_t mk = 0;  // key landmarks
+  Kind kind = Kind::kEmpty;
+  Tensor qidx;  // positions of the real queries; undefined = all of 0..L-1
+  Tensor kidx;  // positions of the real keys; undefined = all of 0..S-1
+};
+
+// Index of the real (false) positions of one mask row, or undefined when
+// nothing is masked.
+Tensor real_positions(const Tensor& mask_row, int64_t* count) {
+  Tensor idx = at::nonzero(mask_row.logical_not()).view({-1});
+  *count = idx.numel();
+  if (*count == mask_row.numel()) {
+    return Tensor();
+  }
+  return idx;
+}
+
+std::vector<Element> describe_batch(const char* op, int64_t B, int64_t L, int64_t S, int64_t m,
+                                    const std::optional<Tensor>& kpm, const std::optional<Tensor>& qpm) {
+  std::vector<Element> el(B);
+  const bool has_k = kpm.has_value() && kpm->defined();
+  const bool has_q = qpm.has_value() && qpm->defined();
+  Tensor kmask = has_k ? kpm->to(at::kCPU) : Tensor();
+  Tensor qmask = has_q ? qpm->to(at::kCPU) : Tensor();
+  for (int64_t b = 0; b < B; ++b) {
+    Element& e = el[b];
+    e.Lb = L;
+    e.Sb = S;
+    if (has_q) e.qidx = real_positions(qmask[b], &e.Lb);
+    if (has_k) e.kidx = real_positions(kmask[b], &e.Sb);
+    if (e.Lb == 0) {
+      e.kind = Kind::kEmpty;
+      continue;
+    }
+    TORCH_CHECK(e.Sb > 0, op, ": key_padding_mask masks every key of batch element ", b,
+                "; each batch element with real queries needs at least one real key");
+    if (e.Lb <= m && e.Sb <= m) {
+      e.kind = Kind::kExact;
+    } else {
+      e.kind = Kind::kNystrom;
+      e.mq = std::min(m, e.Lb);
+      e.mk = std::min(m, e.Sb);
+    }
+  }
+  return el;
+}
+
+// Rows [r0, r1) of the real tokens of x_bh (n x d), in the compute dtype.
+Tensor rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, at::ScalarType acc) {
+  Tensor t = idx.defined() ? x_bh.index_select(0, idx.narrow(0, r0, r1 - r0)) : x_bh.narrow(0, r0, r1 - r0);
+  return t.to(acc);
+}
+
+// dst_bh[real rows r0..r1) = src
+void put_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor& src) {
+  if (idx.defined()) {
+    dst_bh.index_copy_(0, idx.narrow(0, r0, src.size(0)), src.to(dst_bh.scalar_type()));
+  } else {
+    dst_bh.narrow(0, r0, src.size(0)).copy_(src);
+  }
+}
+
+// dst_bh[real rows r0..r1) += src
+void add_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor& src) {
+  if (idx.defined()) {
+    dst_bh.index_add_(0, idx.narrow(0, r0, src.size(0)), src.to(dst_bh.scalar_type()));
+  } else {
+    dst_bh.narrow(0, r0, src.size(0)).add_(src);
+  }
+}
+
+// Segment (landmark) index of each of the rows r0..r1 of a sequence of n real
+// tokens cut into ms segments: segment j is [floor(j n/ms), floor((j+1) n/ms)),
+// so row r lies in segment floor(((r+1) ms - 1) / n).
+Tensor segment_ids(int64_t r0, int64_t r1, int64_t n, int64_t ms) {
+  Tensor r = at::arange(r0 + 1, r1 + 1, at::kLong);
+  return (r * ms - 1).div(n, "floor");
+}
+
+// 1 / (size of each of the ms segments of n tokens), shape (ms, 1).
+Tensor inverse_segment_sizes(int64_t n, int64_t ms, at::ScalarType acc) {
+  Tensor j = at::arange(ms + 1, at::kLong);
+  Tensor bounds = (j * n).div(ms, "floor");
+  Tensor sizes = bounds.narrow(0, 1, ms) - bounds.narrow(0, 0, ms);
+  return sizes.to(acc).reciprocal().unsqueeze(1);
+}
+
+// Segment means (landmarks) of the real rows of x_bh: (ms x d).
+Tensor landmarks(const Tensor& x_bh, const Tensor& idx, int64_t n, int64_t ms, at::ScalarType acc) {
+  Tensor sums = at::zeros({ms, x_bh.size(1)}, x_bh.options().dtype(acc));
+  for (int64_t r0 = 0; r0 < n; r0 += kTile) {
+    const int64_t r1 = std::min(n, r0 + kTile);
+    sums.index_add_(0, segment_ids(r0, r1, n, ms), rows(x_bh, idx, r0, r1, acc));
+  }
+  return sums.mul_(inverse_segment_sizes(n, ms, acc));
+}
+
+// Newton–Schulz iterates Z_0 .. Z_T of the pseudoinverse of A (mq x mk):
+// Z_0 = A^T / c; Z <- 1/4 Z (13 I - A Z (15 I - A Z (7 I - A Z))).
+std::vector<Tensor> newton_schulz(const Tensor& A, double c, int64_t iterations) {
+  std::vector<Tensor> Z;
+  Z.reserve(iterations + 1);
+  Z.push_back(A.t().div(c));
+  const Tensor I = at::eye(A.size(0), A.options());
+  for (int64_t t = 0; t < iterations; ++t) {
+    const Tensor& Zt = Z.back();
+    Tensor X = at::mm(A, Zt);
+    Tensor Y = at::mm(X, I * 7 - X);
+    Y = at::mm(X, I * 15 - Y);
+    Z.push_back(at::mm(Zt, I * 13 - Y).mul_(0.25));
+  }
+  return Z;
+}
+
+// Backward of newton_schulz: given dL/dZ_T, returns dL/dA through every
+// iteration and Z_0, and dL/dc (c enters through Z_0 only).
+std::pair<Tensor, double> newton_schulz_backward(const Tensor& A, double c, const std::vector<Tensor>& Z,
+                                                 Tensor dZ) {
+  const Tensor I = at::eye(A.size(0), A.options());
+  Tensor dA = at::zeros_like(A);
+  for (int64_t t = static_cast<int64_t>(Z.size()) - 2; t >= 0; --t) {
+    const Tensor& Zt = Z[t];
+    Tensor X = at::mm(A, Zt);
+    Tensor Y3 = I * 7 - X;
+    Tensor Y2 = I * 15 - at::mm(X, Y3);
+    Tensor Y1 = I * 13 - at::mm(X, Y2);
+    // Z_{t+1} = 1/4 Zt Y1
+    Tensor dY1 = at::mm(Zt.t(), dZ).mul_(0.25);
+    Tensor dZt = at::mm(dZ, Y1.t()).mul_(0.25);
+    // Y1 = 13 I - X Y2
+    Tensor dX = -at::mm(dY1, Y2.t());
+    Tensor dY2 = -at::mm(X.t(), dY1);
+    // Y2 = 15 I - X Y3
+    dX.sub_(at::mm(dY2, Y3.t()));
+    Tensor dY3 = -at::mm(X.t(), dY2);
+    // Y3 = 7 I - X
+    dX.sub_(dY3);
+    // X = A Zt
+    dA.add_(at::mm(dX, Zt.t()));
+    dZt.add_(at::mm(A.t(), dX));
+    dZ = dZt;
+  }
+  // Z_0 = A^T / c
+  dA.add_(dZ.t().div(c));
+  const double dc = -(dZ * Z[0]).sum().item<double>() / c;
+  return {dA, dc};
+}
+
+// Largest column sum of A and the first column that attains it.
+std::pair<double, int64_t> max_column_sum(const Tensor& A) {
+  Tensor col = A.sum(0);
+  const int64_t j = col.argmax().item<int64_t>();
+  return {col[j].item<double>(), j};
+}
+
+// Softmax of scale·x·yᵀ for a tile of rows of x; y is pre-scaled by the
+// caller. Returns the probabilities and the log-sum-exp of each row.
+std::pair<Tensor, Tensor> softmax_rows(const Tensor& x, const Tensor& y_scaled) {
+  Tensor logits = at::mm(x, y_scaled.t());
+  Tensor mx = std::get<0>(logits.max(1, /*keepdim=*/true));
+  Tensor p = logits.sub_(mx).exp_();
+  Tensor l = p.sum(1, /*keepdim=*/true);
+  p.div_(l);
+  return {p, l.log_().add_(mx).squeeze(1)};
+}
+
+// Every worker runs outside the autograd layer and records nothing.
+struct TaskGuard {
+  at::NoGradGuard no_grad;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+};
+
+template <typename F>
+void run_tasks(int64_t n, const F& f) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    TaskGuard guard;
+    for (int64_t i = begin; i < end; ++i) f(i);
+  });
+}
+
+struct Tile {
+  int64_t b, h, r0, r1;
+};
+
+// Tiles of the real query rows (which = 0) or real key rows (which = 1) of
+// every (b, h) of the given kinds.
+std::vector<Tile> make_tiles(const std::vector<Element>& el, int64_t H, bool keys, bool exact_whole) {
+  std::vector<Tile> tiles;
+  for (int64_t b = 0; b < static_cast<int64_t>(el.size()); ++b) {
+    const Element& e = el[b];
+    if (e.kind == Kind::kEmpty) continue;
+    const int64_t n = keys ? e.Sb : e.Lb;
+    const int64_t step = (exact_whole && e.kind == Kind::kExact) ? n : kTile;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t r0 = 0; r0 < n; r0 += step) tiles.push_back({b, h, r0, std::min(n, r0 + step)});
+    }
+  }
+  return tiles;
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(
+    const Tensor& query_in,
+    const Tensor& key_in,
+    const Tensor& value_in,
+    int64_t num_landmarks,
+    int64_t pinv_iterations,
+    c10::string_view pinv_init,
+    const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& query_padding_mask,
+    std::optional<double> scale_opt) {
+  constexpr const char* op = "nystrom_attention_forward";
+  const detail::Options o = detail::check_inputs(op, query_in, key_in, value_in, num_landmarks, pinv_iterations,
+                                                 pinv_init, key_padding_mask, query_padding_mask, scale_opt);
+  // Plain views without autograd history: the workers run ATen ops on them.
+  const Tensor q = query_in.detach(), k = key_in.detach(), v = value_in.detach();
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t S = k.size(2), Dv = v.size(3), m = o.num_landmarks;
+  const at::ScalarType acc = detail::accumulate_type(q.scalar_type());
+  const auto acc_opts = q.options().dtype(acc);
+
+  Tensor out = at::zeros({B, H, L, Dv}, q.options());
+  Tensor q_lm = at::zeros({B, H, m, D}, acc_opts);
+  Tensor k_lm = at::zeros({B, H, m, D}, acc_opts);
+  Tensor bv = at::zeros({B, H, m, Dv}, acc_opts);
+  Tensor zbv = at::zeros({B, H, m, Dv}, acc_opts);
+  Tensor lse_q = at::zeros({B, H, L}, acc_opts);
+  Tensor lse_l = at::zeros({B, H, m}, acc_opts);
+  Tensor c_out = at::zeros({B, H}, acc_opts);
+  if (B == 0 || L == 0) {
+    return {out, q_lm, k_lm, bv, zbv, lse_q, lse_l, c_out};
+  }
+  const std::vector<Element> el = describe_batch(op, B, L, S, m, key_padding_mask, query_padding_mask);
+  const double scale = o.scale;
+
+  // Phase 1, per (b, h) on the Nyström path: landmarks, A and its column-sum scale c.
+  std::vector<int64_t> heads;  // b * H + h
+  for (int64_t b = 0; b < B; ++b)
+    if (el[b].kind == Kind::kNystrom)
+      for (int64_t h = 0; h < H; ++h) heads.push_back(b * H + h);
+  std::vector<Tensor> A(B * H);
+  std::vector<double> c(B * H, 0.0);
+  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+    const int64_t bh = heads[i], b = bh / H, h = bh % H;
+    const Element& e = el[b];
+    Tensor ql = landmarks(q[b][h], e.qidx, e.Lb, e.mq, acc);
+    Tensor kl = landmarks(k[b][h], e.kidx, e.Sb, e.mk, acc);
+    q_lm[b][h].narrow(0, 0, e.mq).copy_(ql);
+    k_lm[b][h].narrow(0, 0, e.mk).copy_(kl);
+    A[bh] = softmax_rows(ql, kl * scale).first;
+    c[bh] = max_column_sum(A[bh]).first;
+  });
+  if (o.original_init && !heads.empty()) {
+    double cmax = 0.0;
+    for (int64_t bh : heads) cmax = std::max(cmax, c[bh]);
+    for (int64_t bh : heads) c[bh] = cmax;
+  }
+  for (int64_t bh : heads) c_out[bh / H][bh % H].fill_(c[bh]);
+
+  // Phase 2, tiles of keys: Bm·V = softmax(scale q̃ kᵀ) v with an online
+  // softmax; each tile keeps its row maxima, row sums and unnormalised product.
+  const std::vector<Tile> ktiles = make_tiles(el, H, /*keys=*/true, /*exact_whole=*/false);
+  std::vector<int64_t> ktile_of;  // the Nyström key tiles
+  for (int64_t i = 0; i < static_cast<int64_t>(ktiles.size()); ++i)
+    if (el[ktiles[i].b].kind == Kind::kNystrom) ktile_of.push_back(i);
+  std::vector<Tensor> part_max(ktiles.size()), part_sum(ktiles.size()), part_pv(ktiles.size());
+  run_tasks(static_cast<int64_t>(ktile_of.size()), [&](int64_t i) {
+    const Tile& t = ktiles[ktile_of[i]];
+    const Element& e = el[t.b];
+    Tensor ql = q_lm[t.b][t.h].narrow(0, 0, e.mq) * scale;
+    Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor logits = at::mm(ql, kt.t());
+    Tensor mx = std::get<0>(logits.max(1, true));
+    Tensor p = logits.sub_(mx).exp_();
+    part_max[ktile_of[i]] = mx;
+    part_sum[ktile_of[i]] = p.sum(1, true);
+    part_pv[ktile_of[i]] = at::mm(p, vt);
+  });
+
+  // Phase 3, per head: merge the key tiles, then Z = pinv(A), zbv = Z·bv.
+  std::vector<int64_t> first_ktile(B * H, -1);
+  for (int64_t idx : ktile_of) {
+    const int64_t bh = ktiles[idx].b * H + ktiles[idx].h;
+    if (first_ktile[bh] < 0) first_ktile[bh] = idx;
+  }
+  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+    const int64_t bh = heads[i], b = bh / H, h = bh % H;
+    const Element& e = el[b];
+    const int64_t n_tiles = (e.Sb + kTile - 1) / kTile;
+    const int64_t first = first_ktile[bh];
+    Tensor mx = part_max[first].clone();
+    for (int64_t j = 1; j < n_tiles; ++j) mx = at::maximum(mx, part_max[first + j]);
+    Tensor sum = at::zeros_like(mx);
+    Tensor pv = at::zeros({e.mq, Dv}, acc_opts);
+    for (int64_t j = 0; j < n_tiles; ++j) {
+      Tensor w = (part_max[first + j] - mx).exp_();
+      sum.add_(part_sum[first + j] * w);
+      pv.add_(part_pv[first + j] * w);
+    }
+    Tensor bvh = pv.div_(sum);
+    bv[b][h].narrow(0, 0, e.mq).copy_(bvh);
+    lse_l[b][h].narrow(0, 0, e.mq).copy_(sum.log_().add_(mx).squeeze(1));
+    std::vector<Tensor> Z = newton_schulz(A[bh], c[bh], o.pinv_iterations);
+    zbv[b][h].narrow(0, 0, e.mk).copy_(at::mm(Z.back(), bvh));
+  });
+  part_max.clear();
+  part_sum.clear();
+  part_pv.clear();
+
+  // Phase 4, tiles of queries: out = softmax(scale q k̃ᵀ)·zbv on the Nyström
+  // path, softmax(scale q kᵀ)·v on the exact path (whole element: L_b, S_b <= m).
+  const std::vector<Tile> qtiles = make_tiles(el, H, /*keys=*/false, /*exact_whole=*/true);
+  run_tasks(static_cast<int64_t>(qtiles.size()), [&](int64_t i) {
+    const Tile& t = qtiles[i];
+    const Element& e = el[t.b];
+    Tensor keys, values;
+    if (e.kind == Kind::kNystrom) {
+      keys = k_lm[t.b][t.h].narrow(0, 0, e.mk) * scale;
+      values = zbv[t.b][t.h].narrow(0, 0, e.mk);
+    } else {
+      keys = rows(k[t.b][t.h], e.kidx, 0, e.Sb, acc).mul(scale);
+      values = rows(v[t.b][t.h], e.kidx, 0, e.Sb, acc);
+    }
+    auto [p, lse] = softmax_rows(rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc), keys);
+    put_rows(out[t.b][t.h], e.qidx, t.r0, at::mm(p, values));
+    put_rows(lse_q[t.b][t.h], e.qidx, t.r0, lse);
+  });
+  return {out, q_lm, k_lm, bv, zbv, lse_q, lse_l, c_out};
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+
+std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
+                                                const Tensor& query_in,
+                                                const Tensor& key_in,
+                                                const Tensor& value_in,
+                                                const Tensor& q_lm_in,
+                                                const Tensor& k_lm_in,
+                                                const Tensor& bv_in,
+                                                const Tensor& zbv_in,
+                                                const Tensor& lse_q_in,
+                                                const Tensor& lse_l_in,
+                                                const Tensor& c_in,
+                                                int64_t num_landmarks,
+                                                int64_t pinv_iterations,
+                                                c10::string_view pinv_init,
+                                                const std::optional<Tensor>& key_padding_mask,
+                                                const std::optional<Tensor>& query_padding_mask,
+                                                std::optional<double> scale_opt) {
+  constexpr const char* op = "nystrom_attention_backward";
+  const detail::Options o = detail::check_inputs(op, query_in, key_in, value_in, num_landmarks, pinv_iterations,
+                                                 pinv_init, key_padding_mask, query_padding_mask, scale_opt);
+  detail::check_backward_inputs(op, grad_out_in, query_in, key_in, value_in, num_landmarks, q_lm_in, k_lm_in,
+                                bv_in, zbv_in, lse_q_in, lse_l_in, c_in);
+  const Tensor q = query_in.detach(), k = key_in.detach(), v = value_in.detach();
+  const Tensor dO = grad_out_in.detach();
+  const Tensor q_lm = q_lm_in.detach(), k_lm = k_lm_in.detach(), bv = bv_in.detach(), zbv = zbv_in.detach();
+  const Tensor lse_q = lse_q_in.detach(), lse_l = lse_l_in.detach(), c_saved = c_in.detach();
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t S = k.size(2), Dv = v.size(3), m = o.num_landmarks;
+  const at::ScalarType acc = detail::accumulate_type(q.scalar_type());
+  const auto acc_opts = q.options().dtype(acc);
+  const double scale = o.scale;
+
+  // Gradients accumulate in the compute dtype and are converted at the end.
+  Tensor dq = at::zeros({B, H, L, D}, acc_opts);
+  Tensor dk = at::zeros({B, H, S, D}, acc_opts);
+  Tensor dv = at::zeros({B, H, S, Dv}, acc_opts);
+  auto finish = [&]() {
+    return std::make_tuple(dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()));
+  };
+  if (B == 0 || L == 0) return finish();
+  const std::vector<Element> el = describe_batch(op, B, L, S, m, key_padding_mask, query_padding_mask);
+
+  // Exact elements: one task per (b, h), the whole element at once.
+  std::vector<int64_t> exact_heads, heads;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      if (el[b].kind == Kind::kExact) exact_heads.push_back(b * H + h);
+      if (el[b].kind == Kind::kNystrom) heads.push_back(b * H + h);
+    }
+  run_tasks(static_cast<int64_t>(exact_heads.size()), [&](int64_t i) {
+    const int64_t b = exact_heads[i] / H, h = exact_heads[i] % H;
+    const Element& e = el[b];
+    Tensor qr = rows(q[b][h], e.qidx, 0, e.Lb, acc);
+    Tensor kr = rows(k[b][h], e.kidx, 0, e.Sb, acc);
+    Tensor vr = rows(v[b][h], e.kidx, 0, e.Sb, acc);
+    Tensor g = rows(dO[b][h], e.qidx, 0, e.Lb, acc);
+    Tensor lse = rows(lse_q[b][h].unsqueeze(1), e.qidx, 0, e.Lb, acc);
+    Tensor P = at::mm(qr, kr.t()).mul_(scale).sub_(lse).exp_();
+    Tensor dP = at::mm(g, vr.t());
+    Tensor dS = P * (dP - (P * dP).sum(1, true));
+    put_rows(dq[b][h], e.qidx, 0, at::mm(dS, kr).mul_(scale));
+    put_rows(dk[b][h], e.kidx, 0, at::mm(dS.t(), qr).mul_(scale));
+    put_rows(dv[b][h], e.kidx, 0, at::mm(P.t(), g));
+  });
+  if (heads.empty()) return finish();
+
+  // Pass 1, query tiles: recompute F = softmax(scale q k̃ᵀ) from its saved
+  // log-sum-exp. dq (direct part), and per tile: dk̃ and dW2 = Fᵀ dO.
+  std::vector<Tile> qtiles;
+  for (const Tile& t : make_tiles(el, H, false, false))
+    if (el[t.b].kind == Kind::kNystrom) qtiles.push_back(t);
+  std::vector<Tensor> part_dkl(qtiles.size()), part_dw2(qtiles.size());
+  run_tasks(static_cast<int64_t>(qtiles.size()), [&](int64_t i) {
+    const Tile& t = qtiles[i];
+    const Element& e = el[t.b];
+    Tensor kl = k_lm[t.b][t.h].narrow(0, 0, e.mk);
+    Tensor w2 = zbv[t.b][t.h].narrow(0, 0, e.mk);
+    Tensor qt = rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc);
+    Tensor g = rows(dO[t.b][t.h], e.qidx, t.r0, t.r1, acc);
+    Tensor lse = rows(lse_q[t.b][t.h].unsqueeze(1), e.qidx, t.r0, t.r1, acc);
+    Tensor F = at::mm(qt, kl.t()).mul_(scale).sub_(lse).exp_();
+    Tensor dF = at::mm(g, w2.t());
+    Tensor dX = F * (dF - (F * dF).sum(1, true));
+    put_rows(dq[t.b][t.h], e.qidx, t.r0, at::mm(dX, kl).mul_(scale));
+    part_dkl[i] = at::mm(dX.t(), qt).mul_(scale);
+    part_dw2[i] = at::mm(F.t(), g);
+  });
+
+  // Pass 2, per head: reduce the tiles, then back through Z·bv, the
+  // Newton–Schulz iterations, c, and the softmax of A.
+  std::vector<int64_t> first_qtile(B * H, -1), n_qtiles(B * H, 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(qtiles.size()); ++i) {
+    const int64_t bh = qtiles[i].b * H + qtiles[i].h;
+    if (first_qtile[bh] < 0) first_qtile[bh] = i;
+    ++n_qtiles[bh];
+  }
+  std::vector<Tensor> dql(B * H), dkl(B * H), dbv(B * H), A(B * H), dA(B * H);
+  std::vector<double> dc(B * H, 0.0), c(B * H, 0.0);
+  std::vector<int64_t> cmax_col(B * H, 0);
+  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+    const int64_t bh = heads[i], b = bh / H, h = bh % H;
+    const Element& e = el[b];
+    Tensor dkl_h = part_dkl[first_qtile[bh]].clone();
+    Tensor dw2 = part_dw2[first_qtile[bh]].clone();
+    for (int64_t j = 1; j < n_qtiles[bh]; ++j) {
+      dkl_h.add_(part_dkl[first_qtile[bh] + j]);
+      dw2.add_(part_dw2[first_qtile[bh] + j]);
+    }
+    Tensor ql = q_lm[b][h].narrow(0, 0, e.mq);
+    Tensor kl = k_lm[b][h].narrow(0, 0, e.mk);
+    Tensor bvh = bv[b][h].narrow(0, 0, e.mq);
+    A[bh] = softmax_rows(ql, kl * scale).first;
+    c[bh] = c_saved[b][h].item<double>();
+    cmax_col[bh] = max_column_sum(A[bh]).second;
+    std::vector<Tensor> Z = newton_schulz(A[bh], c[bh], o.pinv_iterations);
+    // zbv = Z_T · bv
+    dbv[bh] = at::mm(Z.back().t(), dw2);
+    auto [dAh, dch] = newton_schulz_backward(A[bh], c[bh], Z, at::mm(dw2, bvh.t()));
+    dA[bh] = dAh;
+    dc[bh] = dch;
+    dkl[bh] = dkl_h;
+    dql[bh] = at::zeros({e.mq, D}, acc_opts);
+  });
+  part_dkl.clear();
+  part_dw2.clear();
+
+  // c = largest column sum of A: its gradient reaches that column. With
+  // pinv_init="original" one c serves every head: all heads' dc go to the
+  // head (the first, on ties) whose A attains the maximum.
+  if (o.original_init) {
+    double total = 0.0, best = -1.0;
+    int64_t arg = heads.front();
+    for (int64_t bh : heads) {
+      total += dc[bh];
+      const double cb = A[bh].sum(0).max().item<double>();
+      if (cb > best) {
+        best = cb;
+        arg = bh;
+      }
+    }
+    for (int64_t bh : heads) dc[bh] = bh == arg ? total : 0.0;
+  }
+  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+    const int64_t bh = heads[i], b = bh / H, h = bh % H;
+    const Element& e = el[b];
+    if (dc[bh] != 0.0) dA[bh].select(1, cmax_col[bh]).add_(dc[bh]);
+    Tensor ql = q_lm[b][h].narrow(0, 0, e.mq);
+    Tensor kl = k_lm[b][h].narrow(0, 0, e.mk);
+    Tensor dS = A[bh] * (dA[bh] - (A[bh] * dA[bh]).sum(1, true));
+    dql[bh].add_(at::mm(dS, kl).mul_(scale));
+    dkl[bh].add_(at::mm(dS.t(), ql).mul_(scale));
+  });
+
+  // Pass 3, key tiles: recompute Bm = softmax(scale q̃ kᵀ); dk (direct part
+  // plus the share of dk̃ of the tile's segments), dv, and per tile dq̃.
+  std::vector<Tile> ktiles;
+  for (const Tile& t : make_tiles(el, H, true, false))
+    if (el[t.b].kind == Kind::kNystrom) ktiles.push_back(t);
+  std::vector<Tensor> part_dql(ktiles.size());
+  run_tasks(static_cast<int64_t>(ktiles.size()), [&](int64_t i) {
+    const Tile& t = ktiles[i];
+    const int64_t bh = t.b * H + t.h;
+    const Element& e = el[t.b];
+    Tensor ql = q_lm[t.b][t.h].narrow(0, 0, e.mq);
+    Tensor bvh = bv[t.b][t.h].narrow(0, 0, e.mq);
+    Tensor lse = lse_l[t.b][t.h].narrow(0, 0, e.mq).unsqueeze(1);
+    Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor Bm = at::mm(ql, kt.t()).mul_(scale).sub_(lse).exp_();
+    Tensor dBm = at::mm(dbv[bh], vt.t());
+    Tensor dX = Bm * (dBm - (dbv[bh] * bvh).sum(1, true));
+    Tensor dkt = at::mm(dX.t(), ql).mul_(scale);
+    Tensor seg = segment_ids(t.r0, t.r1, e.Sb, e.mk);
+    dkt.add_((dkl[bh] * inverse_segment_sizes(e.Sb, e.mk, acc)).index_select(0, seg));
+    put_rows(dk[t.b][t.h], e.kidx, t.r0, dkt);
+    put_rows(dv[t.b][t.h], e.kidx, t.r0, at::mm(Bm.t(), dbv[bh]));
+    part_dql[i] = at::mm(dX, kt).mul_(scale);
+  });
+
+  // Pass 4, query tiles: add each query's share of dq̃ (the landmark means).
+  std::vector<int64_t> first_ktile(B * H, -1), n_ktiles(B * H, 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(ktiles.size()); ++i) {
+    const int64_t bh = ktiles[i].b * H + ktiles[i].h;
+    if (first_ktile[bh] < 0) first_ktile[bh] = i;
+    ++n_ktiles[bh];
+  }
+  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+    const int64_t bh = heads[i];
+    const Element& e = el[bh / H];
+    for (int64_t j = 0; j < n_ktiles[bh]; ++j) dql[bh].add_(part_dql[first_ktile[bh] + j]);
+    dql[bh].mul_(inverse_segment_sizes(e.Lb, e.mq, acc));
+  });
+  run_tasks(static_cast<int64_t>(qtiles.size()), [&](int64_t i) {
+    const Tile& t = qtiles[i];
+    const Element& e = el[t.b];
+    add_rows(dq[t.b][t.h], e.qidx, t.r0,
+             dql[t.b * H + t.h].index_select(0, segment_ids(t.r0, t.r1, e.Lb, e.mq)));
+  });
+  return finish();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace nystrom
+
+TORCH_LIBRARY_IMPL(nystrom, CPU, m) {
+  m.impl("nystrom_attention_forward", &nystrom::cpu::forward_cpu);
+  m.impl("nystrom_attention_backward", &nystrom::cpu::backward_cpu);
+}

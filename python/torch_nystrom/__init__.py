@@ -1,0 +1,31 @@
+"""torch-nystrom: Nyström self-attention as LibTorch operators.
+
+Importing this package loads the compiled operator library, which registers
+``torch.ops.nystrom.nystrom_attention`` (with autograd),
+``torch.ops.nystrom.nystrom_attention_forward`` and
+``torch.ops.nystrom.nystrom_attention_backward``.
+"""
+import os
+
+import torch
+
+from ._version import __version__
+
+_LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libnystrom.so")
+
+
+def library_path() -> str:
+    """Path of the shared library holding the ops.
+
+    A process that runs a TorchScript model using these ops without importing
+    this package loads it with ``torch.ops.load_library(library_path())``.
+    """
+    return _LIBRARY
+
+
+torch.ops.load_library(_LIBRARY)
+
+from .functional import nystrom_attention  # noqa: E402
+from .modules import NystromAttention  # noqa: E402
+
+__all__ = ["nystrom_attention", "NystromAttention", "library_path", "__version__"]
