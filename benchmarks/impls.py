@@ -1,0 +1,52 @@
+"""The attention implementations that the benchmarks compare, on (B, H, n, D) inputs.
+
+- ``ours``: torch.ops.nystrom.nystrom_attention.
+- ``composition``: the same Nyström algorithm written as plain PyTorch calls, in
+  Hugging Face transformers' formulation (segment means by reshape, three full
+  softmax matrices, Newton–Schulz on batched matmuls). Written here from the
+  paper's equations; no code is taken from transformers.
+- ``sdpa``: exact attention, torch.nn.functional.scaled_dot_product_attention.
+- ``reference64``: the composition in float64 with DESIGN.md's uneven segments,
+  the yardstick for the error of the Nyström approximation itself.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def ours(q, k, v, m, pinv_init="per_head", iters=6):
+    return torch.ops.nystrom.nystrom_attention(q, k, v, m, iters, pinv_init, None, None, None)
+
+
+def _segment_means(x, m):
+    n = x.shape[-2]
+    if n % m == 0:
+        return x.reshape(*x.shape[:-2], m, n // m, x.shape[-1]).mean(-2)
+    bounds = [(j * n) // m for j in range(m + 1)]
+    return torch.stack([x[..., bounds[j]:bounds[j + 1], :].mean(-2) for j in range(m)], -2)
+
+
+def composition(q, k, v, m, pinv_init="per_head", iters=6):
+    n, d = q.shape[-2], q.shape[-1]
+    if n <= m and k.shape[-2] <= m:
+        return F.scaled_dot_product_attention(q, k, v)
+    scale = d ** -0.5
+    ql, kl = _segment_means(q, min(m, n)), _segment_means(k, min(m, k.shape[-2]))
+    f = torch.softmax(scale * q @ kl.transpose(-1, -2), -1)
+    a = torch.softmax(scale * ql @ kl.transpose(-1, -2), -1)
+    bm = torch.softmax(scale * ql @ k.transpose(-1, -2), -1)
+    colsum = a.sum(-2)
+    c = colsum.max() if pinv_init == "original" else colsum.amax(-1)[..., None, None]
+    z = a.transpose(-1, -2) / c
+    eye = torch.eye(a.shape[-2], dtype=a.dtype, device=a.device)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return f @ (z @ (bm @ v))
+
+
+def sdpa(q, k, v, m=None, pinv_init=None, iters=None):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def reference64(q, k, v, m, pinv_init="per_head", iters=6):
+    return composition(q.double(), k.double(), v.double(), m, pinv_init, iters)
