@@ -62,6 +62,7 @@ class NystromAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        # None or the depthwise convolution; torch.jit.script resolves the branch statically.
         self.conv: Optional[nn.Conv2d] = None
         if conv_kernel_size is not None:
             self.conv = nn.Conv2d(
