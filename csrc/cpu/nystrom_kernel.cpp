@@ -10,8 +10,10 @@
 // float64 inputs); half-precision inputs are converted a tile at a time.
 //
 // The partition into tiles depends only on the problem size, never on the
-// number of threads, and every reduction is done in a fixed order, so the
-// results are bitwise reproducible.
+// number of threads, and every reduction is done in a fixed order, so repeated
+// calls with the same inputs and the same thread count are bitwise equal.
+// (Across thread counts results may differ in the last bits: the BLAS splits a
+// product differently when it may use several threads.)
 #include "nystrom_common.h"
 
 #include <ATen/ATen.h>
@@ -211,9 +213,17 @@ struct TaskGuard {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 };
 
+// Below this much work (multiply-adds) a chunk of tasks is not worth a
+// thread: tiny calls stay on the calling thread instead of waking a team,
+// which costs far more than the work when the cores are busy elsewhere.
+constexpr int64_t kMinWorkPerThread = 1 << 18;
+
+// Runs f(0) .. f(n-1), in parallel where the work allows; cost is the
+// approximate number of multiply-adds of one task.
 template <typename F>
-void run_tasks(int64_t n, const F& f) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+void run_tasks(int64_t n, int64_t cost, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, cost));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     TaskGuard guard;
     for (int64_t i = begin; i < end; ++i) f(i);
   });
@@ -283,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
       for (int64_t h = 0; h < H; ++h) heads.push_back(b * H + h);
   std::vector<Tensor> A(B * H);
   std::vector<double> c(B * H, 0.0);
-  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), (L + S) * D + m * m * D, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     Tensor ql = landmarks(q[b][h], e.qidx, e.Lb, e.mq, acc);
@@ -307,7 +317,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   for (int64_t i = 0; i < static_cast<int64_t>(ktiles.size()); ++i)
     if (el[ktiles[i].b].kind == Kind::kNystrom) ktile_of.push_back(i);
   std::vector<Tensor> part_max(ktiles.size()), part_sum(ktiles.size()), part_pv(ktiles.size());
-  run_tasks(static_cast<int64_t>(ktile_of.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(ktile_of.size()), std::min(kTile, S) * m * (D + Dv), [&](int64_t i) {
     const Tile& t = ktiles[ktile_of[i]];
     const Element& e = el[t.b];
     Tensor ql = q_lm[t.b][t.h].narrow(0, 0, e.mq) * scale;
@@ -327,7 +337,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const int64_t bh = ktiles[idx].b * H + ktiles[idx].h;
     if (first_ktile[bh] < 0) first_ktile[bh] = idx;
   }
-  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), m * m * m * (3 * o.pinv_iterations + 1) + (S / kTile + 1) * m * Dv, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     const int64_t n_tiles = (e.Sb + kTile - 1) / kTile;
@@ -354,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   // Phase 4, tiles of queries: out = softmax(scale q k̃ᵀ)·zbv on the Nyström
   // path, softmax(scale q kᵀ)·v on the exact path (whole element: L_b, S_b <= m).
   const std::vector<Tile> qtiles = make_tiles(el, H, /*keys=*/false, /*exact_whole=*/true);
-  run_tasks(static_cast<int64_t>(qtiles.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), std::min(kTile, L) * m * (D + Dv), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     Tensor keys, values;
@@ -424,7 +434,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
       if (el[b].kind == Kind::kExact) exact_heads.push_back(b * H + h);
       if (el[b].kind == Kind::kNystrom) heads.push_back(b * H + h);
     }
-  run_tasks(static_cast<int64_t>(exact_heads.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(exact_heads.size()), 2 * m * m * (D + Dv), [&](int64_t i) {
     const int64_t b = exact_heads[i] / H, h = exact_heads[i] % H;
     const Element& e = el[b];
     Tensor qr = rows(q[b][h], e.qidx, 0, e.Lb, acc);
@@ -447,7 +457,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   for (const Tile& t : make_tiles(el, H, false, false))
     if (el[t.b].kind == Kind::kNystrom) qtiles.push_back(t);
   std::vector<Tensor> part_dkl(qtiles.size()), part_dw2(qtiles.size());
-  run_tasks(static_cast<int64_t>(qtiles.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), std::min(kTile, L) * m * (2 * D + 3 * Dv), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     Tensor kl = k_lm[t.b][t.h].narrow(0, 0, e.mk);
@@ -474,7 +484,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   std::vector<Tensor> dql(B * H), dkl(B * H), dbv(B * H), A(B * H), dA(B * H);
   std::vector<double> dc(B * H, 0.0), c(B * H, 0.0);
   std::vector<int64_t> cmax_col(B * H, 0);
-  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), m * m * m * (6 * o.pinv_iterations + 2) + (L / kTile + 1) * m * (D + Dv), [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     Tensor dkl_h = part_dkl[first_qtile[bh]].clone();
@@ -517,7 +527,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     }
     for (int64_t bh : heads) dc[bh] = bh == arg ? total : 0.0;
   }
-  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), 2 * m * m * D, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     if (dc[bh] != 0.0) dA[bh].select(1, cmax_col[bh]).add_(dc[bh]);
@@ -534,7 +544,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   for (const Tile& t : make_tiles(el, H, true, false))
     if (el[t.b].kind == Kind::kNystrom) ktiles.push_back(t);
   std::vector<Tensor> part_dql(ktiles.size());
-  run_tasks(static_cast<int64_t>(ktiles.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(ktiles.size()), std::min(kTile, S) * m * (2 * D + 3 * Dv), [&](int64_t i) {
     const Tile& t = ktiles[i];
     const int64_t bh = t.b * H + t.h;
     const Element& e = el[t.b];
@@ -561,13 +571,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     if (first_ktile[bh] < 0) first_ktile[bh] = i;
     ++n_ktiles[bh];
   }
-  run_tasks(static_cast<int64_t>(heads.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), (S / kTile + 1) * m * D, [&](int64_t i) {
     const int64_t bh = heads[i];
     const Element& e = el[bh / H];
     for (int64_t j = 0; j < n_ktiles[bh]; ++j) dql[bh].add_(part_dql[first_ktile[bh] + j]);
     dql[bh].mul_(inverse_segment_sizes(e.Lb, e.mq, acc));
   });
-  run_tasks(static_cast<int64_t>(qtiles.size()), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), std::min(kTile, L) * D, [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     add_rows(dq[t.b][t.h], e.qidx, t.r0,
