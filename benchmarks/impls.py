@@ -5,6 +5,9 @@
   Hugging Face transformers' formulation (segment means by reshape, three full
   softmax matrices, Newton–Schulz on batched matmuls). Written here from the
   paper's equations; no code is taken from transformers.
+- ``lucidrains``: lucidrains' ``nystrom-attention`` package (pip), its attention core
+  only: the q/k/v and output projections are identities and the conv residual is off.
+  It initialises the pseudoinverse differently (max row sum times max column sum).
 - ``sdpa``: exact attention, torch.nn.functional.scaled_dot_product_attention.
 - ``reference64``: the composition in float64 with DESIGN.md's uneven segments,
   the yardstick for the error of the Nyström approximation itself.
@@ -50,3 +53,32 @@ def sdpa(q, k, v, m=None, pinv_init=None, iters=None):
 
 def reference64(q, k, v, m, pinv_init="per_head", iters=6):
     return composition(q.double(), k.double(), v.double(), m, pinv_init, iters)
+
+
+_LUCIDRAINS = {}
+
+
+def _lucidrains_layer(H, D, m, iters, dtype):
+    key = (H, D, m, iters, dtype)
+    if key not in _LUCIDRAINS:
+        from nystrom_attention import NystromAttention
+
+        layer = NystromAttention(dim=3 * H * D, dim_head=D, heads=H, num_landmarks=m,
+                                 pinv_iterations=iters, residual=False)
+        layer.to_qkv = torch.nn.Identity()
+        layer.to_out = torch.nn.Identity()
+        _LUCIDRAINS[key] = layer.to(dtype)
+    return _LUCIDRAINS[key]
+
+
+def lucidrains_pack(q, k, v):
+    """(B, H, n, D) x3 -> the (B, n, 3 H D) input its layer expects."""
+    B, H, n, D = q.shape
+    return torch.cat([t.transpose(1, 2).reshape(B, n, H * D) for t in (q, k, v)], -1)
+
+
+def lucidrains(q, k, v, m, pinv_init=None, iters=6, packed=None):
+    B, H, n, D = q.shape
+    x = lucidrains_pack(q, k, v) if packed is None else packed
+    out = _lucidrains_layer(H, D, m, iters, q.dtype)(x)
+    return out.view(B, n, H, D).transpose(1, 2)

@@ -21,7 +21,8 @@ MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
 def memory_in_subprocess(impl, B, H, n, D, m, dtype="float32", backward=False, pinv_init="per_head"):
-    """Peak memory (bytes) of one call of ``impl``, measured by memory_probe.py in a fresh process."""
+    """Peak memory (bytes) one call of ``impl`` adds beyond its inputs and results, measured by
+    memory_probe.py in a fresh process."""
     env = dict(os.environ, **{MMAP_ENV: "65536"})
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_probe.py"),
            impl, str(B), str(H), str(n), str(D), str(m), dtype, "1" if backward else "0", pinv_init]

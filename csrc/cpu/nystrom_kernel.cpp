@@ -200,7 +200,7 @@ std::pair<double, int64_t> max_column_sum(const Tensor& A) {
 // caller. Returns the probabilities and the log-sum-exp of each row.
 std::pair<Tensor, Tensor> softmax_rows(const Tensor& x, const Tensor& y_scaled) {
   Tensor logits = at::mm(x, y_scaled.t());
-  Tensor mx = std::get<0>(logits.max(1, /*keepdim=*/true));
+  Tensor mx = logits.amax(1, /*keepdim=*/true);
   Tensor p = logits.sub_(mx).exp_();
   Tensor l = p.sum(1, /*keepdim=*/true);
   p.div_(l);
@@ -272,7 +272,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   const at::ScalarType acc = detail::accumulate_type(q.scalar_type());
   const auto acc_opts = q.options().dtype(acc);
 
-  Tensor out = at::zeros({B, H, L, Dv}, q.options());
+  // Every real query row is written; only padded rows need zeros.
+  const bool has_qmask = query_padding_mask.has_value() && query_padding_mask->defined();
+  Tensor out = has_qmask ? at::zeros({B, H, L, Dv}, q.options()) : at::empty({B, H, L, Dv}, q.options());
   Tensor q_lm = at::zeros({B, H, m, D}, acc_opts);
   Tensor k_lm = at::zeros({B, H, m, D}, acc_opts);
   Tensor bv = at::zeros({B, H, m, Dv}, acc_opts);
@@ -324,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor logits = at::mm(ql, kt.t());
-    Tensor mx = std::get<0>(logits.max(1, true));
+    Tensor mx = logits.amax(1, true);
     Tensor p = logits.sub_(mx).exp_();
     part_max[ktile_of[i]] = mx;
     part_sum[ktile_of[i]] = p.sum(1, true);
@@ -418,13 +420,23 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   const double scale = o.scale;
 
   // Gradients accumulate in the compute dtype and are converted at the end.
-  Tensor dq = at::zeros({B, H, L, D}, acc_opts);
-  Tensor dk = at::zeros({B, H, S, D}, acc_opts);
-  Tensor dv = at::zeros({B, H, S, Dv}, acc_opts);
+  // Every real row is written, so only padded rows need zeros.
+  const bool has_qmask = query_padding_mask.has_value() && query_padding_mask->defined();
+  const bool has_kmask = key_padding_mask.has_value() && key_padding_mask->defined();
+  auto alloc = [&](bool zero, std::initializer_list<int64_t> shape) {
+    return zero ? at::zeros(shape, acc_opts) : at::empty(shape, acc_opts);
+  };
+  Tensor dq = alloc(has_qmask, {B, H, L, D});
+  Tensor dk = alloc(has_qmask || has_kmask, {B, H, S, D});
+  Tensor dv = alloc(has_qmask || has_kmask, {B, H, S, Dv});
   auto finish = [&]() {
     return std::make_tuple(dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()));
   };
-  if (B == 0 || L == 0) return finish();
+  if (B == 0 || L == 0) {  // no query: nothing reaches the keys
+    dk.zero_();
+    dv.zero_();
+    return finish();
+  }
   const std::vector<Element> el = describe_batch(op, B, L, S, m, key_padding_mask, query_padding_mask);
 
   // Exact elements: one task per (b, h), the whole element at once.
@@ -460,15 +472,16 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   run_tasks(static_cast<int64_t>(qtiles.size()), std::min(kTile, L) * m * (2 * D + 3 * Dv), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
-    Tensor kl = k_lm[t.b][t.h].narrow(0, 0, e.mk);
+    Tensor kl_s = k_lm[t.b][t.h].narrow(0, 0, e.mk) * scale;
     Tensor w2 = zbv[t.b][t.h].narrow(0, 0, e.mk);
     Tensor qt = rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc);
     Tensor g = rows(dO[t.b][t.h], e.qidx, t.r0, t.r1, acc);
     Tensor lse = rows(lse_q[t.b][t.h].unsqueeze(1), e.qidx, t.r0, t.r1, acc);
-    Tensor F = at::mm(qt, kl.t()).mul_(scale).sub_(lse).exp_();
+    Tensor F = at::mm(qt, kl_s.t()).sub_(lse).exp_();
     Tensor dF = at::mm(g, w2.t());
-    Tensor dX = F * (dF - (F * dF).sum(1, true));
-    put_rows(dq[t.b][t.h], e.qidx, t.r0, at::mm(dX, kl).mul_(scale));
+    Tensor row = (F * dF).sum(1, true);
+    Tensor dX = dF.sub_(row).mul_(F);
+    put_rows(dq[t.b][t.h], e.qidx, t.r0, at::mm(dX, kl_s));
     part_dkl[i] = at::mm(dX.t(), qt).mul_(scale);
     part_dw2[i] = at::mm(F.t(), g);
   });
@@ -548,15 +561,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     const Tile& t = ktiles[i];
     const int64_t bh = t.b * H + t.h;
     const Element& e = el[t.b];
-    Tensor ql = q_lm[t.b][t.h].narrow(0, 0, e.mq);
+    Tensor ql_s = q_lm[t.b][t.h].narrow(0, 0, e.mq) * scale;
     Tensor bvh = bv[t.b][t.h].narrow(0, 0, e.mq);
     Tensor lse = lse_l[t.b][t.h].narrow(0, 0, e.mq).unsqueeze(1);
     Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
-    Tensor Bm = at::mm(ql, kt.t()).mul_(scale).sub_(lse).exp_();
+    Tensor Bm = at::mm(ql_s, kt.t()).sub_(lse).exp_();
     Tensor dBm = at::mm(dbv[bh], vt.t());
-    Tensor dX = Bm * (dBm - (dbv[bh] * bvh).sum(1, true));
-    Tensor dkt = at::mm(dX.t(), ql).mul_(scale);
+    Tensor dX = dBm.sub_((dbv[bh] * bvh).sum(1, true)).mul_(Bm);
+    Tensor dkt = at::mm(dX.t(), ql_s);
     Tensor seg = segment_ids(t.r0, t.r1, e.Sb, e.mk);
     dkt.add_((dkl[bh] * inverse_segment_sizes(e.Sb, e.mk, acc)).index_select(0, seg));
     put_rows(dk[t.b][t.h], e.kidx, t.r0, dkt);
