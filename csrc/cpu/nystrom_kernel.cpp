@@ -1,7 +1,7 @@
 // CPU kernels of the Nyström attention forward and backward ops.
 //
 // Work is split into tasks over (batch, head, row tile) and run with
-// at::parallel_for. Every task works on a tile of at most kTile rows, so no
+// at::parallel_for. Every task works on a tile of at most 2048 rows, so no
 // (n x n) matrix, and no (n x m) matrix for a whole head, is ever
 // materialised: the long products F·W and Bm·V are computed a tile at a
 // time, with the row statistics (log-sum-exp) kept for the backward pass.
@@ -31,8 +31,18 @@ namespace {
 
 using at::Tensor;
 
-// Rows per tile of the long (sequence-length) dimension.
-constexpr int64_t kTile = 512;
+// Rows per tile of the long (sequence-length) dimension, for a sequence of n
+// real tokens in a call with `heads` (batch x heads) sequences: the largest
+// power of two from 128 to 2048 that still cuts the call into at least
+// kMinTasks tiles. Large tiles keep the BLAS efficient (2048 rows of 64 floats
+// fit in L2); enough tiles keep every thread busy. Depends on the problem size
+// only, never on the thread count.
+constexpr int64_t kMinTasks = 32;
+int64_t tile_rows(int64_t n, int64_t heads) {
+  int64_t t = 2048;
+  while (t > 128 && heads * ((n + t - 1) / t) < kMinTasks) t /= 2;
+  return t;
+}
 
 enum class Kind { kEmpty, kExact, kNystrom };
 
@@ -103,6 +113,21 @@ void put_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor&
   }
 }
 
+// dst_bh[real rows r0.., as many as a has) = a·b (+ addend): straight into
+// dst when its rows are contiguous in the compute dtype, saving a copy.
+void mm_put(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor& a, const Tensor& b,
+            const Tensor& addend = Tensor()) {
+  if (!idx.defined() && dst_bh.scalar_type() == a.scalar_type() && dst_bh.stride(-1) == 1) {
+    Tensor slice = dst_bh.narrow(0, r0, a.size(0));
+    at::mm_out(slice, a, b);
+    if (addend.defined()) slice.add_(addend);
+    return;
+  }
+  Tensor r = at::mm(a, b);
+  if (addend.defined()) r.add_(addend);
+  put_rows(dst_bh, idx, r0, r);
+}
+
 // dst_bh[real rows r0..r1) += src
 void add_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor& src) {
   if (idx.defined()) {
@@ -131,8 +156,9 @@ Tensor inverse_segment_sizes(int64_t n, int64_t ms, at::ScalarType acc) {
 // Segment means (landmarks) of the real rows of x_bh: (ms x d).
 Tensor landmarks(const Tensor& x_bh, const Tensor& idx, int64_t n, int64_t ms, at::ScalarType acc) {
   Tensor sums = at::zeros({ms, x_bh.size(1)}, x_bh.options().dtype(acc));
-  for (int64_t r0 = 0; r0 < n; r0 += kTile) {
-    const int64_t r1 = std::min(n, r0 + kTile);
+  const int64_t tile = 2048;  // chunks bound the temporary memory only
+  for (int64_t r0 = 0; r0 < n; r0 += tile) {
+    const int64_t r1 = std::min(n, r0 + tile);
     sums.index_add_(0, segment_ids(r0, r1, n, ms), rows(x_bh, idx, r0, r1, acc));
   }
   return sums.mul_(inverse_segment_sizes(n, ms, acc));
@@ -241,7 +267,7 @@ std::vector<Tile> make_tiles(const std::vector<Element>& el, int64_t H, bool key
     const Element& e = el[b];
     if (e.kind == Kind::kEmpty) continue;
     const int64_t n = keys ? e.Sb : e.Lb;
-    const int64_t step = (exact_whole && e.kind == Kind::kExact) ? n : kTile;
+    const int64_t step = (exact_whole && e.kind == Kind::kExact) ? n : tile_rows(n, static_cast<int64_t>(el.size()) * H);
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t r0 = 0; r0 < n; r0 += step) tiles.push_back({b, h, r0, std::min(n, r0 + step)});
     }
@@ -319,7 +345,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   for (int64_t i = 0; i < static_cast<int64_t>(ktiles.size()); ++i)
     if (el[ktiles[i].b].kind == Kind::kNystrom) ktile_of.push_back(i);
   std::vector<Tensor> part_max(ktiles.size()), part_sum(ktiles.size()), part_pv(ktiles.size());
-  run_tasks(static_cast<int64_t>(ktile_of.size()), std::min(kTile, S) * m * (D + Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(ktile_of.size()), tile_rows(S, B * H) * m * (D + Dv), [&](int64_t i) {
     const Tile& t = ktiles[ktile_of[i]];
     const Element& e = el[t.b];
     Tensor ql = q_lm[t.b][t.h].narrow(0, 0, e.mq) * scale;
@@ -339,10 +365,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const int64_t bh = ktiles[idx].b * H + ktiles[idx].h;
     if (first_ktile[bh] < 0) first_ktile[bh] = idx;
   }
-  run_tasks(static_cast<int64_t>(heads.size()), m * m * m * (3 * o.pinv_iterations + 1) + (S / kTile + 1) * m * Dv, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), m * m * m * (3 * o.pinv_iterations + 1) + (S / tile_rows(S, B * H) + 1) * m * Dv, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
-    const int64_t n_tiles = (e.Sb + kTile - 1) / kTile;
+    const int64_t n_tiles = (e.Sb + tile_rows(e.Sb, B * H) - 1) / tile_rows(e.Sb, B * H);
     const int64_t first = first_ktile[bh];
     Tensor mx = part_max[first].clone();
     for (int64_t j = 1; j < n_tiles; ++j) mx = at::maximum(mx, part_max[first + j]);
@@ -366,7 +392,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   // Phase 4, tiles of queries: out = softmax(scale q k̃ᵀ)·zbv on the Nyström
   // path, softmax(scale q kᵀ)·v on the exact path (whole element: L_b, S_b <= m).
   const std::vector<Tile> qtiles = make_tiles(el, H, /*keys=*/false, /*exact_whole=*/true);
-  run_tasks(static_cast<int64_t>(qtiles.size()), std::min(kTile, L) * m * (D + Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), tile_rows(L, B * H) * m * (D + Dv), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     Tensor keys, values;
@@ -378,7 +404,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
       values = rows(v[t.b][t.h], e.kidx, 0, e.Sb, acc);
     }
     auto [p, lse] = softmax_rows(rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc), keys);
-    put_rows(out[t.b][t.h], e.qidx, t.r0, at::mm(p, values));
+    mm_put(out[t.b][t.h], e.qidx, t.r0, p, values);
     put_rows(lse_q[t.b][t.h], e.qidx, t.r0, lse);
   });
   return {out, q_lm, k_lm, bv, zbv, lse_q, lse_l, c_out};
@@ -469,7 +495,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   for (const Tile& t : make_tiles(el, H, false, false))
     if (el[t.b].kind == Kind::kNystrom) qtiles.push_back(t);
   std::vector<Tensor> part_dkl(qtiles.size()), part_dw2(qtiles.size());
-  run_tasks(static_cast<int64_t>(qtiles.size()), std::min(kTile, L) * m * (2 * D + 3 * Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), tile_rows(L, B * H) * m * (2 * D + 3 * Dv), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     Tensor kl_s = k_lm[t.b][t.h].narrow(0, 0, e.mk) * scale;
@@ -481,7 +507,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor dF = at::mm(g, w2.t());
     Tensor row = (F * dF).sum(1, true);
     Tensor dX = dF.sub_(row).mul_(F);
-    put_rows(dq[t.b][t.h], e.qidx, t.r0, at::mm(dX, kl_s));
+    mm_put(dq[t.b][t.h], e.qidx, t.r0, dX, kl_s);
     part_dkl[i] = at::mm(dX.t(), qt).mul_(scale);
     part_dw2[i] = at::mm(F.t(), g);
   });
@@ -497,7 +523,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   std::vector<Tensor> dql(B * H), dkl(B * H), dbv(B * H), A(B * H), dA(B * H);
   std::vector<double> dc(B * H, 0.0), c(B * H, 0.0);
   std::vector<int64_t> cmax_col(B * H, 0);
-  run_tasks(static_cast<int64_t>(heads.size()), m * m * m * (6 * o.pinv_iterations + 2) + (L / kTile + 1) * m * (D + Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), m * m * m * (6 * o.pinv_iterations + 2) + (L / tile_rows(L, B * H) + 1) * m * (D + Dv), [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     Tensor dkl_h = part_dkl[first_qtile[bh]].clone();
@@ -557,7 +583,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   for (const Tile& t : make_tiles(el, H, true, false))
     if (el[t.b].kind == Kind::kNystrom) ktiles.push_back(t);
   std::vector<Tensor> part_dql(ktiles.size());
-  run_tasks(static_cast<int64_t>(ktiles.size()), std::min(kTile, S) * m * (2 * D + 3 * Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(ktiles.size()), tile_rows(S, B * H) * m * (2 * D + 3 * Dv), [&](int64_t i) {
     const Tile& t = ktiles[i];
     const int64_t bh = t.b * H + t.h;
     const Element& e = el[t.b];
@@ -569,11 +595,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor Bm = at::mm(ql_s, kt.t()).sub_(lse).exp_();
     Tensor dBm = at::mm(dbv[bh], vt.t());
     Tensor dX = dBm.sub_((dbv[bh] * bvh).sum(1, true)).mul_(Bm);
-    Tensor dkt = at::mm(dX.t(), ql_s);
     Tensor seg = segment_ids(t.r0, t.r1, e.Sb, e.mk);
-    dkt.add_((dkl[bh] * inverse_segment_sizes(e.Sb, e.mk, acc)).index_select(0, seg));
-    put_rows(dk[t.b][t.h], e.kidx, t.r0, dkt);
-    put_rows(dv[t.b][t.h], e.kidx, t.r0, at::mm(Bm.t(), dbv[bh]));
+    mm_put(dk[t.b][t.h], e.kidx, t.r0, dX.t(), ql_s,
+           (dkl[bh] * inverse_segment_sizes(e.Sb, e.mk, acc)).index_select(0, seg));
+    mm_put(dv[t.b][t.h], e.kidx, t.r0, Bm.t(), dbv[bh]);
     part_dql[i] = at::mm(dX, kt).mul_(scale);
   });
 
@@ -584,13 +609,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     if (first_ktile[bh] < 0) first_ktile[bh] = i;
     ++n_ktiles[bh];
   }
-  run_tasks(static_cast<int64_t>(heads.size()), (S / kTile + 1) * m * D, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), (S / tile_rows(S, B * H) + 1) * m * D, [&](int64_t i) {
     const int64_t bh = heads[i];
     const Element& e = el[bh / H];
     for (int64_t j = 0; j < n_ktiles[bh]; ++j) dql[bh].add_(part_dql[first_ktile[bh] + j]);
     dql[bh].mul_(inverse_segment_sizes(e.Lb, e.mq, acc));
   });
-  run_tasks(static_cast<int64_t>(qtiles.size()), std::min(kTile, L) * D, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), tile_rows(L, B * H) * D, [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     add_rows(dq[t.b][t.h], e.qidx, t.r0,
