@@ -14,7 +14,7 @@ struct Options {
   int64_t num_landmarks;
   int64_t pinv_iterations;
   bool original_init;  // pinv_init == "original"
-  double scale;        // resolved: D^-0.5 when the caller gave none
+  double scale;        // resolved: D^-0.5 when the caller gave none (NaN when D is symbolic)
 };
 
 /// Checks query/key/value/masks/options; throws c10::Error naming the

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace nystrom {
@@ -98,9 +99,15 @@ Options check_inputs(const char* op,
     s = *scale;
     TORCH_CHECK(std::isfinite(s) && s > 0.0, op, ": scale must be a finite number > 0, got ", s);
   } else {
-    // D may be symbolic under dynamic shapes; the default scale needs its value.
-    const int64_t d = q.sym_size(3).guard_int(__FILE__, __LINE__);
-    s = d > 0 ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
+    // Under dynamic shapes D may be symbolic (Meta kernels, tracing): the
+    // default scale is needed only by the kernels that compute, which always
+    // see concrete sizes, so a symbolic D is not specialised here.
+    const std::optional<int64_t> d = q.sym_size(3).maybe_as_int();
+    if (d.has_value()) {
+      s = *d > 0 ? 1.0 / std::sqrt(static_cast<double>(*d)) : 1.0;
+    } else {
+      s = std::numeric_limits<double>::quiet_NaN();
+    }
   }
 
   check_mask(op, "key_padding_mask", key_padding_mask, q, q.sym_size(0), k.sym_size(2), "S");

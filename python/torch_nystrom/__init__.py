@@ -27,5 +27,6 @@ torch.ops.load_library(_LIBRARY)
 
 from .functional import nystrom_attention  # noqa: E402
 from .modules import NystromAttention  # noqa: E402
+from .hf import swap_nystromformer_attention  # noqa: E402
 
-__all__ = ["nystrom_attention", "NystromAttention", "library_path", "__version__"]
+__all__ = ["nystrom_attention", "NystromAttention", "swap_nystromformer_attention", "library_path", "__version__"]
