@@ -46,6 +46,13 @@ void check_backward_inputs(const char* op,
                            const at::Tensor& lse_landmark,
                            const at::Tensor& pinv_scale);
 
+/// Rows of the saved per-landmark tensors: min(m, max(L, S)). No batch element
+/// has more landmarks (when m >= max(L, S) every element is exact), so a huge
+/// num_landmarks costs no memory.
+inline c10::SymInt saved_landmarks(int64_t num_landmarks, const c10::SymInt& L, const c10::SymInt& S) {
+  return c10::SymInt(num_landmarks).min(L.max(S));
+}
+
 /// float32 for float32/float16/bfloat16 inputs, float64 for float64.
 inline at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -145,7 +145,7 @@ void check_backward_inputs(const char* op,
                 " (saved by nystrom_attention_forward) must have dtype ", acc, " on ", q.device(),
                 ", got ", t.scalar_type(), " on ", t.device());
   };
-  const c10::SymInt m(num_landmarks);
+  const c10::SymInt m = saved_landmarks(num_landmarks, L, k.sym_size(2));
   expect(q_landmarks, "q_landmarks", {B, H, m, D});
   expect(k_landmarks, "k_landmarks", {B, H, m, D});
   expect(bv, "bv", {B, H, m, Dv});

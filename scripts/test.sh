@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything: builds, then the C++ tests (CTest), the C++ example against the
-# installed CMake package, and the Python tests (which also run that example on
+# Everything: builds, then the C++ tests (CTest, then once more built with
+# ASan+UBSan), the C++ example against the installed CMake package, and the
+# Python tests (which also run that example on
 # a TorchScript model saved from Python). Extra arguments go to pytest.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
@@ -8,6 +9,9 @@ cd "$ROOT"
 
 echo "== C++ tests (ctest)"
 ctest --test-dir build --output-on-failure -j "$MAX_JOBS"
+
+echo "== C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+NYSTROM_SANITIZE_CTEST=0 bash "$ROOT/scripts/sanitize.sh"
 
 echo "== C++ example against the installed package"
 torch_prefix="$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "share", "cmake"))')"

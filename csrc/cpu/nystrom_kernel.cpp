@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace nystrom {
@@ -247,8 +248,9 @@ constexpr int64_t kMinWorkPerThread = 1 << 18;
 // Runs f(0) .. f(n-1), in parallel where the work allows; cost is the
 // approximate number of multiply-adds of one task.
 template <typename F>
-void run_tasks(int64_t n, int64_t cost, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, cost));
+void run_tasks(int64_t n, double cost, const F& f) {
+  const double per_chunk = std::ceil(static_cast<double>(kMinWorkPerThread) / std::max(1.0, cost));
+  const int64_t grain = static_cast<int64_t>(std::min<double>(per_chunk, static_cast<double>(std::max<int64_t>(n, 1))));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     TaskGuard guard;
     for (int64_t i = begin; i < end; ++i) f(i);
@@ -295,18 +297,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   const Tensor q = query_in.detach(), k = key_in.detach(), v = value_in.detach();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   const int64_t S = k.size(2), Dv = v.size(3), m = o.num_landmarks;
+  const int64_t ms = detail::saved_landmarks(m, L, S).expect_int();
+  // Work estimates (multiply-adds per task), in double: they only size the parallel grain.
+  const double md = static_cast<double>(ms), Ld = L, Sd = S, Dd = D, Dvd = Dv, it = o.pinv_iterations;
+  const double tL = tile_rows(L, B * H), tS = tile_rows(S, B * H);
   const at::ScalarType acc = detail::accumulate_type(q.scalar_type());
   const auto acc_opts = q.options().dtype(acc);
 
   // Every real query row is written; only padded rows need zeros.
   const bool has_qmask = query_padding_mask.has_value() && query_padding_mask->defined();
   Tensor out = has_qmask ? at::zeros({B, H, L, Dv}, q.options()) : at::empty({B, H, L, Dv}, q.options());
-  Tensor q_lm = at::zeros({B, H, m, D}, acc_opts);
-  Tensor k_lm = at::zeros({B, H, m, D}, acc_opts);
-  Tensor bv = at::zeros({B, H, m, Dv}, acc_opts);
-  Tensor zbv = at::zeros({B, H, m, Dv}, acc_opts);
+  Tensor q_lm = at::zeros({B, H, ms, D}, acc_opts);
+  Tensor k_lm = at::zeros({B, H, ms, D}, acc_opts);
+  Tensor bv = at::zeros({B, H, ms, Dv}, acc_opts);
+  Tensor zbv = at::zeros({B, H, ms, Dv}, acc_opts);
   Tensor lse_q = at::zeros({B, H, L}, acc_opts);
-  Tensor lse_l = at::zeros({B, H, m}, acc_opts);
+  Tensor lse_l = at::zeros({B, H, ms}, acc_opts);
   Tensor c_out = at::zeros({B, H}, acc_opts);
   if (B == 0 || L == 0) {
     return {out, q_lm, k_lm, bv, zbv, lse_q, lse_l, c_out};
@@ -321,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
       for (int64_t h = 0; h < H; ++h) heads.push_back(b * H + h);
   std::vector<Tensor> A(B * H);
   std::vector<double> c(B * H, 0.0);
-  run_tasks(static_cast<int64_t>(heads.size()), (L + S) * D + m * m * D, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), (Ld + Sd) * Dd + md * md * Dd, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     Tensor ql = landmarks(q[b][h], e.qidx, e.Lb, e.mq, acc);
@@ -345,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   for (int64_t i = 0; i < static_cast<int64_t>(ktiles.size()); ++i)
     if (el[ktiles[i].b].kind == Kind::kNystrom) ktile_of.push_back(i);
   std::vector<Tensor> part_max(ktiles.size()), part_sum(ktiles.size()), part_pv(ktiles.size());
-  run_tasks(static_cast<int64_t>(ktile_of.size()), tile_rows(S, B * H) * m * (D + Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(ktile_of.size()), tS * md * (Dd + Dvd), [&](int64_t i) {
     const Tile& t = ktiles[ktile_of[i]];
     const Element& e = el[t.b];
     Tensor ql = q_lm[t.b][t.h].narrow(0, 0, e.mq) * scale;
@@ -365,7 +371,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const int64_t bh = ktiles[idx].b * H + ktiles[idx].h;
     if (first_ktile[bh] < 0) first_ktile[bh] = idx;
   }
-  run_tasks(static_cast<int64_t>(heads.size()), m * m * m * (3 * o.pinv_iterations + 1) + (S / tile_rows(S, B * H) + 1) * m * Dv, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), md * md * md * (3.0 * it + 1) + std::ceil(Sd / tS) * md * Dvd, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     const int64_t n_tiles = (e.Sb + tile_rows(e.Sb, B * H) - 1) / tile_rows(e.Sb, B * H);
@@ -392,7 +398,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   // Phase 4, tiles of queries: out = softmax(scale q k̃ᵀ)·zbv on the Nyström
   // path, softmax(scale q kᵀ)·v on the exact path (whole element: L_b, S_b <= m).
   const std::vector<Tile> qtiles = make_tiles(el, H, /*keys=*/false, /*exact_whole=*/true);
-  run_tasks(static_cast<int64_t>(qtiles.size()), tile_rows(L, B * H) * m * (D + Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), tL * md * (Dd + Dvd), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     Tensor keys, values;
@@ -441,6 +447,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   const Tensor lse_q = lse_q_in.detach(), lse_l = lse_l_in.detach(), c_saved = c_in.detach();
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   const int64_t S = k.size(2), Dv = v.size(3), m = o.num_landmarks;
+  const int64_t ms = detail::saved_landmarks(m, L, S).expect_int();
+  // Work estimates (multiply-adds per task), in double: they only size the parallel grain.
+  const double md = static_cast<double>(ms), Ld = L, Sd = S, Dd = D, Dvd = Dv, it = o.pinv_iterations;
+  const double tL = tile_rows(L, B * H), tS = tile_rows(S, B * H);
   const at::ScalarType acc = detail::accumulate_type(q.scalar_type());
   const auto acc_opts = q.options().dtype(acc);
   const double scale = o.scale;
@@ -472,7 +482,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
       if (el[b].kind == Kind::kExact) exact_heads.push_back(b * H + h);
       if (el[b].kind == Kind::kNystrom) heads.push_back(b * H + h);
     }
-  run_tasks(static_cast<int64_t>(exact_heads.size()), 2 * m * m * (D + Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(exact_heads.size()), 2 * md * md * (Dd + Dvd), [&](int64_t i) {
     const int64_t b = exact_heads[i] / H, h = exact_heads[i] % H;
     const Element& e = el[b];
     Tensor qr = rows(q[b][h], e.qidx, 0, e.Lb, acc);
@@ -495,7 +505,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   for (const Tile& t : make_tiles(el, H, false, false))
     if (el[t.b].kind == Kind::kNystrom) qtiles.push_back(t);
   std::vector<Tensor> part_dkl(qtiles.size()), part_dw2(qtiles.size());
-  run_tasks(static_cast<int64_t>(qtiles.size()), tile_rows(L, B * H) * m * (2 * D + 3 * Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), tL * md * (2 * Dd + 3 * Dvd), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     Tensor kl_s = k_lm[t.b][t.h].narrow(0, 0, e.mk) * scale;
@@ -523,7 +533,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   std::vector<Tensor> dql(B * H), dkl(B * H), dbv(B * H), A(B * H), dA(B * H);
   std::vector<double> dc(B * H, 0.0), c(B * H, 0.0);
   std::vector<int64_t> cmax_col(B * H, 0);
-  run_tasks(static_cast<int64_t>(heads.size()), m * m * m * (6 * o.pinv_iterations + 2) + (L / tile_rows(L, B * H) + 1) * m * (D + Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), md * md * md * (6.0 * it + 2) + std::ceil(Ld / tL) * md * (Dd + Dvd), [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     Tensor dkl_h = part_dkl[first_qtile[bh]].clone();
@@ -566,7 +576,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     }
     for (int64_t bh : heads) dc[bh] = bh == arg ? total : 0.0;
   }
-  run_tasks(static_cast<int64_t>(heads.size()), 2 * m * m * D, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), 2 * md * md * Dd, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     if (dc[bh] != 0.0) dA[bh].select(1, cmax_col[bh]).add_(dc[bh]);
@@ -583,7 +593,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   for (const Tile& t : make_tiles(el, H, true, false))
     if (el[t.b].kind == Kind::kNystrom) ktiles.push_back(t);
   std::vector<Tensor> part_dql(ktiles.size());
-  run_tasks(static_cast<int64_t>(ktiles.size()), tile_rows(S, B * H) * m * (2 * D + 3 * Dv), [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(ktiles.size()), tS * md * (2 * Dd + 3 * Dvd), [&](int64_t i) {
     const Tile& t = ktiles[i];
     const int64_t bh = t.b * H + t.h;
     const Element& e = el[t.b];
@@ -609,13 +619,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     if (first_ktile[bh] < 0) first_ktile[bh] = i;
     ++n_ktiles[bh];
   }
-  run_tasks(static_cast<int64_t>(heads.size()), (S / tile_rows(S, B * H) + 1) * m * D, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), std::ceil(Sd / tS) * md * Dd, [&](int64_t i) {
     const int64_t bh = heads[i];
     const Element& e = el[bh / H];
     for (int64_t j = 0; j < n_ktiles[bh]; ++j) dql[bh].add_(part_dql[first_ktile[bh] + j]);
     dql[bh].mul_(inverse_segment_sizes(e.Lb, e.mq, acc));
   });
-  run_tasks(static_cast<int64_t>(qtiles.size()), tile_rows(L, B * H) * D, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(qtiles.size()), tL * Dd, [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
     add_rows(dq[t.b][t.h], e.qidx, t.r0,

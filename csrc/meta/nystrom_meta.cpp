@@ -27,7 +27,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
                        key_padding_mask, query_padding_mask, scale);
   const auto B = q.sym_size(0), H = q.sym_size(1), L = q.sym_size(2), D = q.sym_size(3);
   const auto Dv = v.sym_size(3);
-  const c10::SymInt m(num_landmarks);
+  const c10::SymInt m = detail::saved_landmarks(num_landmarks, L, k.sym_size(2));
   const auto acc = q.options().dtype(detail::accumulate_type(q.scalar_type()));
   return {at::empty_symint({B, H, L, Dv}, q.options()), at::empty_symint({B, H, m, D}, acc),
           at::empty_symint({B, H, m, D}, acc),         at::empty_symint({B, H, m, Dv}, acc),

@@ -41,7 +41,9 @@ at::Tensor nystrom_attention(
     std::optional<double> scale = std::nullopt);
 
 /// The tensors the forward pass returns: the output and what the backward
-/// pass needs (all small except `out` and `lse_query`).
+/// pass needs (all small except `out` and `lse_query`). Here
+/// m = min(num_landmarks, max(L, S)); rows past a batch element's own
+/// landmark count are zero.
 using ForwardResult = std::tuple<
     at::Tensor,  // out            (B, H, L, Dv), input dtype
     at::Tensor,  // q_landmarks    (B, H, m, D), float32 or float64
