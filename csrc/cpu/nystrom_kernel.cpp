@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <vector>
 
@@ -533,6 +534,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   std::vector<Tensor> dql(B * H), dkl(B * H), dbv(B * H), A(B * H), dA(B * H);
   std::vector<double> dc(B * H, 0.0), c(B * H, 0.0);
   std::vector<int64_t> cmax_col(B * H, 0);
+  std::vector<double> colsum_max(B * H, 0.0);  // this head's own c (before "original")
   run_tasks(static_cast<int64_t>(heads.size()), md * md * md * (6.0 * it + 2) + std::ceil(Ld / tL) * md * (Dd + Dvd), [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
@@ -547,7 +549,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor bvh = bv[b][h].narrow(0, 0, e.mq);
     A[bh] = softmax_rows(ql, kl * scale).first;
     c[bh] = c_saved[b][h].item<double>();
-    cmax_col[bh] = max_column_sum(A[bh]).second;
+    std::tie(colsum_max[bh], cmax_col[bh]) = max_column_sum(A[bh]);
     std::vector<Tensor> Z = newton_schulz(A[bh], c[bh], o.pinv_iterations);
     // zbv = Z_T · bv
     dbv[bh] = at::mm(Z.back().t(), dw2);
@@ -568,7 +570,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     int64_t arg = heads.front();
     for (int64_t bh : heads) {
       total += dc[bh];
-      const double cb = A[bh].sum(0).max().item<double>();
+      const double cb = colsum_max[bh];
       if (cb > best) {
         best = cb;
         arg = bh;
@@ -585,6 +587,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor dS = A[bh] * (dA[bh] - (A[bh] * dA[bh]).sum(1, true));
     dql[bh].add_(at::mm(dS, kl).mul_(scale));
     dkl[bh].add_(at::mm(dS.t(), ql).mul_(scale));
+    // Each key's share of its landmark's gradient: the landmark is a mean.
+    dkl[bh].mul_(inverse_segment_sizes(e.Sb, e.mk, acc));
   });
 
   // Pass 3, key tiles: recompute Bm = softmax(scale q̃ kᵀ); dk (direct part
@@ -607,7 +611,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor dX = dBm.sub_((dbv[bh] * bvh).sum(1, true)).mul_(Bm);
     Tensor seg = segment_ids(t.r0, t.r1, e.Sb, e.mk);
     mm_put(dk[t.b][t.h], e.kidx, t.r0, dX.t(), ql_s,
-           (dkl[bh] * inverse_segment_sizes(e.Sb, e.mk, acc)).index_select(0, seg));
+           dkl[bh].index_select(0, seg));
     mm_put(dv[t.b][t.h], e.kidx, t.r0, Bm.t(), dbv[bh]);
     part_dql[i] = at::mm(dX, kt).mul_(scale);
   });
