@@ -344,6 +344,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     for (int64_t bh : heads) c[bh] = cmax;
   }
   for (int64_t bh : heads) c_out[bh / H][bh % H].fill_(c[bh]);
+  // The landmarks with the softmax scale folded in, once for every tile.
+  const Tensor q_lm_s = q_lm * scale, k_lm_s = k_lm * scale;
 
   // Phase 2, tiles of keys: Bm·V = softmax(scale q̃ kᵀ) v with an online
   // softmax; each tile keeps its row maxima, row sums and unnormalised product.
@@ -355,7 +357,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   run_tasks(static_cast<int64_t>(ktile_of.size()), tS * md * (Dd + Dvd), [&](int64_t i) {
     const Tile& t = ktiles[ktile_of[i]];
     const Element& e = el[t.b];
-    Tensor ql = q_lm[t.b][t.h].narrow(0, 0, e.mq) * scale;
+    Tensor ql = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
     Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor logits = at::mm(ql, kt.t());
@@ -404,7 +406,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const Element& e = el[t.b];
     Tensor keys, values;
     if (e.kind == Kind::kNystrom) {
-      keys = k_lm[t.b][t.h].narrow(0, 0, e.mk) * scale;
+      keys = k_lm_s[t.b][t.h].narrow(0, 0, e.mk);
       values = zbv[t.b][t.h].narrow(0, 0, e.mk);
     } else {
       keys = rows(k[t.b][t.h], e.kidx, 0, e.Sb, acc).mul(scale);
@@ -499,6 +501,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     put_rows(dv[b][h], e.kidx, 0, at::mm(P.t(), g));
   });
   if (heads.empty()) return finish();
+  // The landmarks with the softmax scale folded in, once for every tile.
+  const Tensor q_lm_s = q_lm * scale, k_lm_s = k_lm * scale;
 
   // Pass 1, query tiles: recompute F = softmax(scale q k̃ᵀ) from its saved
   // log-sum-exp. dq (direct part), and per tile: dk̃ and dW2 = Fᵀ dO.
@@ -509,7 +513,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   run_tasks(static_cast<int64_t>(qtiles.size()), tL * md * (2 * Dd + 3 * Dvd), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
-    Tensor kl_s = k_lm[t.b][t.h].narrow(0, 0, e.mk) * scale;
+    Tensor kl_s = k_lm_s[t.b][t.h].narrow(0, 0, e.mk);
     Tensor w2 = zbv[t.b][t.h].narrow(0, 0, e.mk);
     Tensor qt = rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc);
     Tensor g = rows(dO[t.b][t.h], e.qidx, t.r0, t.r1, acc);
@@ -545,9 +549,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
       dw2.add_(part_dw2[first_qtile[bh] + j]);
     }
     Tensor ql = q_lm[b][h].narrow(0, 0, e.mq);
-    Tensor kl = k_lm[b][h].narrow(0, 0, e.mk);
     Tensor bvh = bv[b][h].narrow(0, 0, e.mq);
-    A[bh] = softmax_rows(ql, kl * scale).first;
+    A[bh] = softmax_rows(ql, k_lm_s[b][h].narrow(0, 0, e.mk)).first;
     c[bh] = c_saved[b][h].item<double>();
     std::tie(colsum_max[bh], cmax_col[bh]) = max_column_sum(A[bh]);
     std::vector<Tensor> Z = newton_schulz(A[bh], c[bh], o.pinv_iterations);
@@ -601,7 +604,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     const Tile& t = ktiles[i];
     const int64_t bh = t.b * H + t.h;
     const Element& e = el[t.b];
-    Tensor ql_s = q_lm[t.b][t.h].narrow(0, 0, e.mq) * scale;
+    Tensor ql_s = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
     Tensor bvh = bv[t.b][t.h].narrow(0, 0, e.mq);
     Tensor lse = lse_l[t.b][t.h].narrow(0, 0, e.mq).unsqueeze(1);
     Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
