@@ -21,3 +21,15 @@ def _seed():
     """Every test starts from the same random state, so failures reproduce."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny problems: one intra-op thread is fastest, and immune to a busy shared machine.
+
+    Use per module with ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ TOL = 1e-5
 E, H, M = 32, 4, 8  # embed dim, heads, landmarks; test lengths avoid these values (no duck-size coincidences)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is fastest, and immune to a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -37,13 +37,7 @@ TOL = 1e-5
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is fastest, and immune to a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # name: (hidden, heads, num_landmarks, segment_means_seq_len, conv_kernel_size or None)
 CONFIGS = {

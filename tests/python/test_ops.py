@@ -225,15 +225,20 @@ def test_low_precision(case_id, dtype):
     check_padded_rows_zero(out, kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=FLOAT_IDS.get)
-def test_low_precision_backward(dtype):
-    q, k, v, kw = CASE_BY_ID["both_masks"].build(dtype, requires_grad=True)
+def _grads_and_reference_grads(case_id, dtype):
+    """Gradients of the op at a random cotangent, the float64 reference's at the same one, and the case's kwargs."""
+    q, k, v, kw = CASE_BY_ID[case_id].build(dtype, requires_grad=True)
     out = nystrom_attention(q, k, v, **kw)
     g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
     grads = torch.autograd.grad(out, (q, k, v), g)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     ref = nystrom_reference(q64, k64, v64, **kw)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    return grads, torch.autograd.grad(ref, (q64, k64, v64), g.double()), kw
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=FLOAT_IDS.get)
+def test_low_precision_backward(dtype):
+    grads, ref_grads, _ = _grads_and_reference_grads("both_masks", dtype)
     eps = torch.finfo(dtype).eps
     for name, a, e in zip("qkv", grads, ref_grads):
         assert a.dtype == dtype
@@ -360,13 +365,7 @@ def test_gradcheck_scripted():
      "long_multi_tile_original"],
 )
 def test_gradients_match_reference(case_id, dtype):
-    q, k, v, kw = CASE_BY_ID[case_id].build(dtype, requires_grad=True)
-    out = nystrom_attention(q, k, v, **kw)
-    g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = nystrom_reference(q64, k64, v64, **kw)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    grads, ref_grads, kw = _grads_and_reference_grads(case_id, dtype)
     for name, a, e in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert a.dtype == dtype
         assert_rel_close(a, e, GRAD_TOL[dtype], name)
