@@ -1,0 +1,99 @@
+// The dtype switch behind the launchers of nystrom_cuda.h.
+#include "launch.cuh"
+
+namespace nystrom::cuda {
+namespace kern {
+NYSTROM_LAUNCHERS(extern, float)
+NYSTROM_LAUNCHERS(extern, double)
+NYSTROM_LAUNCHERS(extern, __half)
+NYSTROM_LAUNCHERS(extern, __nv_bfloat16)
+}  // namespace kern
+
+namespace {
+template <typename F>
+cudaError_t by_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+}  // namespace
+
+cudaError_t pool_landmarks(DType dt, const Problem& p, Side side, Only only, RowsView x, int d, void* out,
+                           cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.ms == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) { return kern::pool_t<decltype(t)>(p, side, only, x, d, out, stream); });
+}
+
+int rows_per_block(DType dt) { return kern::kWarps * (dt == DType::kFloat64 ? kern::rpw<double>() : kern::rpw<float>()); }
+
+size_t softmax_matmul_smem(DType dt, int D, int Dv) {
+  return dt == DType::kFloat64 ? kern::forward_smem_t<double>(D, Dv) : kern::forward_smem_t<float>(D, Dv);
+}
+
+size_t backward_smem(DType dt, int D, int Dv) {
+  return dt == DType::kFloat64 ? kern::backward_smem_t<double>(D, Dv) : kern::backward_smem_t<float>(D, Dv);
+}
+
+cudaError_t landmark_partials(DType dt, const Problem& p, const void* q_lm, RowsView k, RowsView v, int splits,
+                              void* part_max, void* part_sum, void* part_acc, cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.ms == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) {
+    return kern::landmark_partials_t<decltype(t)>(p, q_lm, k, v, splits, part_max, part_sum, part_acc, stream);
+  });
+}
+
+cudaError_t merge_partials(DType dt, const Problem& p, int splits, const void* part_max, const void* part_sum,
+                           const void* part_acc, void* bv, void* lse_l, cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.ms == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) {
+    return kern::merge_t<decltype(t)>(p, splits, part_max, part_sum, part_acc, bv, lse_l, stream);
+  });
+}
+
+cudaError_t query_rows(DType dt, const Problem& p, RowsView q, const void* k_lm, const void* w, MutRowsView out,
+                       void* lse_q, cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.L == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) { return kern::query_rows_t<decltype(t)>(p, q, k_lm, w, out, lse_q, stream); });
+}
+
+size_t newton_schulz_smem(DType dt, int ms) {
+  return dt == DType::kFloat64 ? kern::newton_schulz_smem_t<double>(ms) : kern::newton_schulz_smem_t<float>(ms);
+}
+
+cudaError_t newton_schulz_fused(DType dt, int heads, int ms, int Dv, int iterations, const void* A, const void* c,
+                                const void* bv, void* zbv, cudaStream_t stream) {
+  if (heads == 0 || ms == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) {
+    return kern::newton_schulz_t<decltype(t)>(heads, ms, Dv, iterations, A, c, bv, zbv, stream);
+  });
+}
+
+cudaError_t backward_query(DType dt, const Problem& p, RowsView q, RowsView dout, const void* k_lm, const void* w,
+                           const void* lse_q, int groups, void* dq, void* part_dkl, void* part_dw,
+                           cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.L == 0 || p.ms == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) {
+    return kern::backward_query_t<decltype(t)>(p, q, dout, k_lm, w, lse_q, groups, dq, part_dkl, part_dw, stream);
+  });
+}
+
+cudaError_t backward_key(DType dt, const Problem& p, RowsView k, RowsView v, const void* q_lm, const void* lse_l,
+                         const void* dbv, const void* delta, int groups, void* dk, void* dv, void* part_dql,
+                         cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.S == 0 || p.ms == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) {
+    return kern::backward_key_t<decltype(t)>(p, k, v, q_lm, lse_l, dbv, delta, groups, dk, dv, part_dql, stream);
+  });
+}
+
+cudaError_t spread_landmarks(DType dt, const Problem& p, Side side, Only only, const void* src, int d,
+                             const int* index, void* dst, cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.ms == 0 || d == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) { return kern::spread_t<decltype(t)>(p, side, only, src, d, index, dst, stream); });
+}
+
+}  // namespace nystrom::cuda

@@ -1,0 +1,261 @@
+// Launch templates, one instantiation per input dtype (inst_*.cu); the
+// dtype switch lives in dispatch.cu. Heads are launched in slices of at most
+// 65535 (the grid's y/z limit), and every launch is checked.
+#pragma once
+
+#include "kernels.cuh"
+
+#include <algorithm>
+
+namespace nystrom::cuda {
+namespace kern {
+
+// Rows per warp of the long-product kernels: 4 (32-row tiles) in float,
+// 1 in double, whose staged rows take twice the shared memory.
+template <typename T> constexpr int rpw() { return std::is_same<T, double>::value ? 1 : 4; }
+
+template <typename F>
+cudaError_t for_head_slices(int heads, F&& launch) {
+  for (int bh0 = 0; bh0 < heads; bh0 += kMaxBlockHeads) {
+    launch(bh0, std::min(kMaxBlockHeads, heads - bh0));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// Columns per lane held in registers: 64, 128 or 256-wide head dims.
+inline int nj_for(int D, int Dv) {
+  const int d = std::max(D, Dv);
+  return d <= 64 ? 2 : (d <= 128 ? 4 : 8);
+}
+
+template <typename Kernel>
+cudaError_t set_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename T>
+size_t forward_smem_t(int D, int Dv) {
+  using A = typename Acc<T>::type;
+  const size_t BR = kWarps * rpw<T>();
+  return sizeof(A) * (BR * D + kChunk * (D + 1) + kChunk * Dv + BR * kChunk);
+}
+
+template <typename T>
+size_t backward_smem_t(int D, int Dv) {
+  using A = typename Acc<T>::type;
+  const size_t BR = kWarps * rpw<T>();
+  return sizeof(A) * (BR * D + BR * Dv + kChunk * (D + 1) + kChunk * (Dv + 1) + 2 * BR * kChunk + 2 * kChunk);
+}
+
+template <typename T>
+cudaError_t pool_t(const Problem& p, Side side, Only only, RowsView x, int d, void* out, cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  return for_head_slices(p.B * p.H, [&](int bh0, int n) {
+    pool_kernel<T><<<dim3(p.ms, n), kThreads, 0, stream>>>(p, bh0, side, only, x, d, static_cast<A*>(out));
+  });
+}
+
+template <typename TX, typename TY, typename TO, typename A, int RPW, int NJ, bool kLandmarkPass>
+cudaError_t forward_launch(const ForwardArgs& args, int tiles, int splits, size_t smem, cudaStream_t stream) {
+  auto kernel = softmax_matmul_kernel<TX, TY, TO, A, RPW, NJ, kLandmarkPass>;
+  const cudaError_t err = set_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
+    ForwardArgs a = args;
+    a.bh0 = bh0;
+    kernel<<<dim3(tiles, splits, n), kThreads, smem, stream>>>(a);
+  });
+}
+
+template <typename T, bool kLandmarkPass>
+cudaError_t forward_t(const ForwardArgs& args, int tiles, int splits, cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  // Landmark pass: owner rows are q̃ (acc), the other side the inputs (T).
+  // Query pass: owner rows are the queries (T), the other side k̃, W (acc).
+  using TX = typename std::conditional<kLandmarkPass, A, T>::type;
+  using TY = typename std::conditional<kLandmarkPass, T, A>::type;
+  constexpr int R = rpw<T>();
+  const size_t smem = forward_smem_t<T>(args.p.D, args.p.Dv);
+  switch (nj_for(args.p.D, args.p.Dv)) {
+    case 2: return forward_launch<TX, TY, T, A, R, 2, kLandmarkPass>(args, tiles, splits, smem, stream);
+    case 4: return forward_launch<TX, TY, T, A, R, 4, kLandmarkPass>(args, tiles, splits, smem, stream);
+    default: return forward_launch<TX, TY, T, A, R, 8, kLandmarkPass>(args, tiles, splits, smem, stream);
+  }
+}
+
+template <typename T>
+cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, RowsView v, int splits,
+                                void* part_max, void* part_sum, void* part_acc, cudaStream_t stream) {
+  ForwardArgs a{};
+  a.p = p;
+  a.x = RowsView{q_lm, static_cast<int64_t>(p.H) * p.ms * p.D, static_cast<int64_t>(p.ms) * p.D, p.D, nullptr, 0};
+  a.y = k;
+  a.v = v;
+  a.part_max = part_max;
+  a.part_sum = part_sum;
+  a.part_acc = part_acc;
+  a.splits = splits;
+  const int BR = kWarps * rpw<T>();
+  return forward_t<T, true>(a, (p.ms + BR - 1) / BR, splits, stream);
+}
+
+template <typename T>
+cudaError_t merge_t(const Problem& p, int splits, const void* part_max, const void* part_sum, const void* part_acc,
+                    void* bv, void* lse_l, cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  return for_head_slices(p.B * p.H, [&](int bh0, int n) {
+    merge_kernel<A><<<dim3(p.ms, n), kThreads, 0, stream>>>(
+        p, bh0, splits, static_cast<const A*>(part_max), static_cast<const A*>(part_sum),
+        static_cast<const A*>(part_acc), static_cast<A*>(bv), static_cast<A*>(lse_l));
+  });
+}
+
+template <typename T>
+cudaError_t query_rows_t(const Problem& p, RowsView q, const void* k_lm, const void* w, MutRowsView out, void* lse_q,
+                         cudaStream_t stream) {
+  ForwardArgs a{};
+  a.p = p;
+  a.x = q;
+  a.y = RowsView{k_lm, static_cast<int64_t>(p.H) * p.ms * p.D, static_cast<int64_t>(p.ms) * p.D, p.D, nullptr, 0};
+  a.v = RowsView{w, static_cast<int64_t>(p.H) * p.ms * p.Dv, static_cast<int64_t>(p.ms) * p.Dv, p.Dv, nullptr, 0};
+  a.out = out;
+  a.lse = lse_q;
+  a.splits = 1;
+  const int BR = kWarps * rpw<T>();
+  return forward_t<T, false>(a, (p.L + BR - 1) / BR, 1, stream);
+}
+
+template <typename A>
+size_t newton_schulz_smem_t(int ms) {
+  const size_t mp = ms <= 32 ? 32 : (ms <= 64 ? 64 : (ms <= 128 ? 128 : 0));
+  if (mp == 0 || (sizeof(A) == 8 && mp > 64)) return 0;
+  return 3 * mp * mp * sizeof(A);
+}
+
+template <typename A, int MP>
+cudaError_t newton_schulz_launch(int heads, int ms, int Dv, int iterations, const void* Am, const void* c,
+                                 const void* bv, void* zbv, cudaStream_t stream) {
+  auto kernel = newton_schulz_kernel<A, MP>;
+  const size_t smem = 3 * MP * MP * sizeof(A);
+  const cudaError_t err = set_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  for (int bh0 = 0; bh0 < heads; bh0 += kMaxBlockHeads) {
+    const int n = std::min(kMaxBlockHeads, heads - bh0);
+    kernel<<<n, (MP / 4) * (MP / 4), smem, stream>>>(bh0, ms, Dv, iterations, static_cast<const A*>(Am),
+                                                     static_cast<const A*>(c), static_cast<const A*>(bv),
+                                                     static_cast<A*>(zbv));
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t newton_schulz_t(int heads, int ms, int Dv, int iterations, const void* Am, const void* c, const void* bv,
+                            void* zbv, cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  if (newton_schulz_smem_t<A>(ms) == 0) return cudaErrorInvalidValue;
+  if (ms <= 32) return newton_schulz_launch<A, 32>(heads, ms, Dv, iterations, Am, c, bv, zbv, stream);
+  if (ms <= 64) return newton_schulz_launch<A, 64>(heads, ms, Dv, iterations, Am, c, bv, zbv, stream);
+  if constexpr (sizeof(A) == 4) {
+    return newton_schulz_launch<A, 128>(heads, ms, Dv, iterations, Am, c, bv, zbv, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename Kernel>
+cudaError_t backward_launch(Kernel kernel, const BackwardArgs& args, size_t smem, cudaStream_t stream) {
+  const cudaError_t err = set_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
+    BackwardArgs a = args;
+    a.bh0 = bh0;
+    kernel<<<dim3(args.groups, n), kThreads, smem, stream>>>(a);
+  });
+}
+
+template <typename T>
+cudaError_t backward_query_t(const Problem& p, RowsView q, RowsView dout, const void* k_lm, const void* w,
+                             const void* lse_q, int groups, void* dq, void* part_dkl, void* part_dw,
+                             cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  BackwardArgs a{};
+  a.p = p;
+  a.groups = groups;
+  a.x = q;
+  a.g = dout;
+  a.lm = k_lm;
+  a.lmv = w;
+  a.lse = lse_q;
+  a.out1 = dq;
+  a.part1 = part_dkl;
+  a.part2 = part_dw;
+  constexpr int R = rpw<T>();
+  const size_t smem = backward_smem_t<T>(p.D, p.Dv);
+  switch (nj_for(p.D, p.Dv)) {
+    case 2: return backward_launch(backward_query_kernel<T, A, R, 2>, a, smem, stream);
+    case 4: return backward_launch(backward_query_kernel<T, A, R, 4>, a, smem, stream);
+    default: return backward_launch(backward_query_kernel<T, A, R, 8>, a, smem, stream);
+  }
+}
+
+template <typename T>
+cudaError_t backward_key_t(const Problem& p, RowsView k, RowsView v, const void* q_lm, const void* lse_l,
+                           const void* dbv, const void* delta, int groups, void* dk, void* dv, void* part_dql,
+                           cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  BackwardArgs a{};
+  a.p = p;
+  a.groups = groups;
+  a.x = k;
+  a.g = v;
+  a.lm = q_lm;
+  a.lmv = dbv;
+  a.lse = lse_l;
+  a.delta = delta;
+  a.out1 = dk;
+  a.out2 = dv;
+  a.part1 = part_dql;
+  constexpr int R = rpw<T>();
+  const size_t smem = backward_smem_t<T>(p.D, p.Dv);
+  switch (nj_for(p.D, p.Dv)) {
+    case 2: return backward_launch(backward_key_kernel<T, A, R, 2>, a, smem, stream);
+    case 4: return backward_launch(backward_key_kernel<T, A, R, 4>, a, smem, stream);
+    default: return backward_launch(backward_key_kernel<T, A, R, 8>, a, smem, stream);
+  }
+}
+
+template <typename T>
+cudaError_t spread_t(const Problem& p, Side side, Only only, const void* src, int d, const int* index, void* dst,
+                     cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  const int n = side == Side::kQuery ? p.L : p.S;
+  if (n == 0) return cudaSuccess;
+  return for_head_slices(p.B * p.H, [&](int bh0, int heads) {
+    spread_kernel<A><<<dim3((n + kWarps - 1) / kWarps, heads), kThreads, 0, stream>>>(
+        p, bh0, side, only, static_cast<const A*>(src), d, index, static_cast<A*>(dst));
+  });
+}
+
+// Every launcher of one dtype: instantiated in inst_<dtype>.cu (empty PREFIX),
+// declared extern in dispatch.cu (PREFIX extern).
+#define NYSTROM_LAUNCHERS(PREFIX, T)                                                                          \
+  PREFIX template cudaError_t pool_t<T>(const Problem&, Side, Only, RowsView, int, void*, cudaStream_t);                 \
+  PREFIX template cudaError_t landmark_partials_t<T>(const Problem&, const void*, RowsView, RowsView, int, void*, void*, \
+                                              void*, cudaStream_t);                                               \
+  PREFIX template cudaError_t merge_t<T>(const Problem&, int, const void*, const void*, const void*, void*, void*,       \
+                                  cudaStream_t);                                                                  \
+  PREFIX template cudaError_t query_rows_t<T>(const Problem&, RowsView, const void*, const void*, MutRowsView, void*,    \
+                                       cudaStream_t);                                                             \
+  PREFIX template cudaError_t newton_schulz_t<T>(int, int, int, int, const void*, const void*, const void*, void*,       \
+                                          cudaStream_t);                                                          \
+  PREFIX template cudaError_t backward_query_t<T>(const Problem&, RowsView, RowsView, const void*, const void*,          \
+                                           const void*, int, void*, void*, void*, cudaStream_t);                  \
+  PREFIX template cudaError_t backward_key_t<T>(const Problem&, RowsView, RowsView, const void*, const void*,            \
+                                         const void*, const void*, int, void*, void*, void*, cudaStream_t);       \
+  PREFIX template cudaError_t spread_t<T>(const Problem&, Side, Only, const void*, int, const int*, void*, cudaStream_t);
+
+}  // namespace kern
+}  // namespace nystrom::cuda

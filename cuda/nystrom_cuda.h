@@ -1,0 +1,120 @@
+// Launchers of the CUDA kernels of Nyström attention. This header and the
+// kernels behind it are free of torch: raw pointers, sizes, element strides
+// and a cudaStream_t. csrc/cuda/nystrom_cuda.cpp turns tensors into these
+// calls. Every launcher returns the launch's cudaError_t (cudaSuccess when
+// nothing went wrong), never throws.
+//
+// Conventions. "acc" is the compute type: double for kFloat64 inputs, float
+// otherwise. Tensors written by the glue itself (landmarks, Bm·V, statistics,
+// gradients in acc) are contiguous; inputs and outputs in the caller's dtype
+// are addressed through a RowsView (last dimension contiguous). Padding is
+// removed by index lists: row r of batch element b is position index[b*npad+r]
+// (r < its real count), or position r when index is null.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace nystrom::cuda {
+
+enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+/// The largest head dimension (D and Dv) the CUDA kernels take.
+constexpr int kMaxHeadDim = 256;
+
+/// Rows of a (B, H, n, d) tensor whose last dimension is contiguous.
+struct RowsView {
+  const void* data = nullptr;
+  int64_t sb = 0, sh = 0, sr = 0;  // element strides of batch, head, row
+  const int* index = nullptr;      // (B, npad) positions of the real rows, or null
+  int npad = 0;                    // padded length (the row stride of index)
+};
+
+/// Writable rows, same conventions.
+struct MutRowsView {
+  void* data = nullptr;
+  int64_t sb = 0, sh = 0, sr = 0;
+  const int* index = nullptr;
+  int npad = 0;
+};
+
+/// One call's sizes and per-batch-element real lengths.
+struct Problem {
+  int B = 0, H = 0;        // batch, heads
+  int L = 0, S = 0;        // padded query and key lengths
+  int D = 0, Dv = 0;       // head dims of query/key and of value
+  int m = 0;               // num_landmarks
+  int ms = 0;              // landmark rows of the saved tensors: min(m, max(L, S))
+  double scale = 1.0;      // softmax scale
+  const int* q_count = nullptr;  // (B) real queries, or null: all L
+  const int* k_count = nullptr;  // (B) real keys, or null: all S
+};
+
+/// Which side of the attention a per-token operation works on.
+enum class Side { kQuery = 0, kKey = 1 };
+/// Which batch elements an operation touches (DESIGN.md's two paths).
+enum class Only { kAll = 0, kExact = 1, kNystrom = 2 };
+
+/// Segment means: out (B, H, ms, d) acc gets, for every selected element,
+/// its min(m, n_b) landmarks of the real rows of x (the rest is left alone).
+cudaError_t pool_landmarks(DType dt, const Problem& p, Side side, Only only, RowsView x, int d, void* out,
+                           cudaStream_t stream);
+
+/// Rows per thread block of the long-product kernels (for sizing grids).
+int rows_per_block(DType dt);
+
+/// Dynamic shared memory of the forward and backward long-product kernels.
+size_t softmax_matmul_smem(DType dt, int D, int Dv);
+size_t backward_smem(DType dt, int D, int Dv);
+
+/// Bm·V, split over the keys: for every Nyström element, partial row maxima,
+/// row sums and unnormalised products of softmax(scale q̃ kᵀ) v over `splits`
+/// key ranges: part_max/part_sum (B*H, splits, ms), part_acc (B*H, splits, ms, Dv).
+cudaError_t landmark_partials(DType dt, const Problem& p, const void* q_lm, RowsView k, RowsView v, int splits,
+                              void* part_max, void* part_sum, void* part_acc, cudaStream_t stream);
+
+/// Merges the partials: bv (B, H, ms, Dv) = Bm·V and lse_l (B, H, ms).
+cudaError_t merge_partials(DType dt, const Problem& p, int splits, const void* part_max, const void* part_sum,
+                           const void* part_acc, void* bv, void* lse_l, cudaStream_t stream);
+
+/// out rows = softmax(scale q k̃ᵀ)·W for every non-empty element, with the
+/// row log-sum-exp in lse_q (B, H, L) at the real positions. k̃ = k_lm
+/// (B, H, ms, D), W (B, H, ms, Dv), both acc; min(m, S_b) rows used.
+cudaError_t query_rows(DType dt, const Problem& p, RowsView q, const void* k_lm, const void* w, MutRowsView out,
+                       void* lse_q, cudaStream_t stream);
+
+/// Bytes of shared memory of the fused Newton–Schulz kernel for ms landmark
+/// rows; 0 when no fused variant exists for that size and dtype.
+size_t newton_schulz_smem(DType dt, int ms);
+
+/// Fused Newton–Schulz, one thread block per (b, h): Z_0 = Aᵀ / c, the
+/// iterations, then zbv = Z·bv. A (B*H, ms, ms) zero outside each element's
+/// (mq x mk) block, c (B*H), bv (B*H, ms, Dv); all acc.
+cudaError_t newton_schulz_fused(DType dt, int heads, int ms, int Dv, int iterations, const void* A, const void* c,
+                                const void* bv, void* zbv, cudaStream_t stream);
+
+/// Backward, query side, every non-empty element: recomputes
+/// F = softmax(scale q k̃ᵀ) from lse_q; dq (B, H, L, D) acc = scale·dS·k̃ at the
+/// real rows; per group of query tiles g < groups: part_dkl (B*H, groups, ms, D)
+/// += scale·dSᵀ q, part_dw (B*H, groups, ms, Dv) += Fᵀ dO.
+cudaError_t backward_query(DType dt, const Problem& p, RowsView q, RowsView dout, const void* k_lm, const void* w,
+                           const void* lse_q, int groups, void* dq, void* part_dkl, void* part_dw,
+                           cudaStream_t stream);
+
+/// Backward, key side, every Nyström element: recomputes
+/// Bm = softmax(scale q̃ kᵀ) from lse_l; dk (B, H, S, D) += scale·dSᵀ q̃,
+/// dv (B, H, S, Dv) += Bmᵀ dbv at the real rows; per group of key tiles:
+/// part_dql (B*H, groups, ms, D) += scale·dS k. delta (B*H, ms) = rowsum(dbv∘bv).
+cudaError_t backward_key(DType dt, const Problem& p, RowsView k, RowsView v, const void* q_lm, const void* lse_l,
+                         const void* dbv, const void* delta, int groups, void* dk, void* dv, void* part_dql,
+                         cudaStream_t stream);
+
+/// dst (B, H, n, d) acc at the real rows += src[segment of the row] / segment
+/// size, src (B, H, ms, d): the gradient of a segment mean reaching its tokens.
+/// index: the index list of that side (null when it has no padding).
+cudaError_t spread_landmarks(DType dt, const Problem& p, Side side, Only only, const void* src, int d,
+                             const int* index, void* dst, cudaStream_t stream);
+
+}  // namespace nystrom::cuda
