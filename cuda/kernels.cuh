@@ -169,7 +169,7 @@ struct ForwardArgs {
 };
 
 template <typename TX, typename TY, typename TO, typename A, int RPW, int NJ, bool kLandmarkPass>
-__global__ void __launch_bounds__(kThreads) softmax_matmul_kernel(ForwardArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) softmax_matmul_kernel(ForwardArgs a) {
   constexpr int BR = kWarps * RPW;
   const Problem& p = a.p;
   const int D = p.D, Dv = p.Dv;
@@ -432,7 +432,7 @@ struct BackwardArgs {
 // dq in registers; each chunk's landmark-side sums go to the block's own slice
 // of the partials (no atomics: deterministic).
 template <typename T, typename A, int RPW, int NJ>
-__global__ void __launch_bounds__(kThreads) backward_query_kernel(BackwardArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) backward_query_kernel(BackwardArgs a) {
   constexpr int BR = kWarps * RPW;
   const Problem& p = a.p;
   const int D = p.D, Dv = p.Dv;
@@ -572,7 +572,7 @@ __global__ void __launch_bounds__(kThreads) backward_query_kernel(BackwardArgs a
 // the keys of each landmark row, so its statistics (lse_l, delta) sit on the
 // landmark side and arrive with each chunk.
 template <typename T, typename A, int RPW, int NJ>
-__global__ void __launch_bounds__(kThreads) backward_key_kernel(BackwardArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) backward_key_kernel(BackwardArgs a) {
   constexpr int BR = kWarps * RPW;
   const Problem& p = a.p;
   const int D = p.D, Dv = p.Dv;

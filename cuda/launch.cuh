@@ -4,6 +4,7 @@
 #pragma once
 
 #include "kernels.cuh"
+#include "tensor_core.cuh"
 
 #include <algorithm>
 
@@ -86,6 +87,43 @@ cudaError_t forward_t(const ForwardArgs& args, int tiles, int splits, cudaStream
 }
 
 template <typename T>
+constexpr bool is_half() {
+  return std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+}
+
+// The tensor-core forward kernels, for the (D, Dv) pairs they are built for.
+template <typename T, bool kLandmarkPass>
+cudaError_t tc_forward(const ForwardArgs& args, int grid_x, int tiles_per_block, cudaStream_t stream) {
+  auto launch = [&](auto kernel, size_t smem) {
+    const cudaError_t err = set_smem(kernel, smem);
+    if (err != cudaSuccess) return err;
+    return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
+      ForwardArgs a = args;
+      a.bh0 = bh0;
+      if constexpr (kLandmarkPass) {
+        kernel<<<dim3(1, args.splits, n), kTcWarps * 32, smem, stream>>>(a);
+      } else {
+        kernel<<<dim3(grid_x, 1, n), kTcWarps * 32, smem, stream>>>(a, tiles_per_block);
+      }
+    });
+  };
+  const int D = args.p.D, Dv = args.p.Dv;
+#define NYSTROM_TC_CASE(DD, VV)                                                             \
+  if (D == DD && Dv == VV) {                                                               \
+    if constexpr (kLandmarkPass)                                                           \
+      return launch(tc_landmark_kernel<T, DD, VV>, tc_landmark_smem<T>(DD, VV));           \
+    else                                                                                   \
+      return launch(tc_query_kernel<T, DD, VV>, tc_query_smem<T>(DD, VV));                 \
+  }
+  NYSTROM_TC_CASE(64, 64)
+  NYSTROM_TC_CASE(64, 128)
+  NYSTROM_TC_CASE(128, 64)
+  NYSTROM_TC_CASE(128, 128)
+#undef NYSTROM_TC_CASE
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
 cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, RowsView v, int splits,
                                 void* part_max, void* part_sum, void* part_acc, cudaStream_t stream) {
   ForwardArgs a{};
@@ -97,6 +135,9 @@ cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, 
   a.part_sum = part_sum;
   a.part_acc = part_acc;
   a.splits = splits;
+  if constexpr (is_half<T>()) {
+    if (p.tensor_cores && tc_shape_supported(p.D, p.Dv, p.ms)) return tc_forward<T, true>(a, 1, 1, stream);
+  }
   const int BR = kWarps * rpw<T>();
   return forward_t<T, true>(a, (p.ms + BR - 1) / BR, splits, stream);
 }
@@ -123,6 +164,18 @@ cudaError_t query_rows_t(const Problem& p, RowsView q, const void* k_lm, const v
   a.out = out;
   a.lse = lse_q;
   a.splits = 1;
+  if constexpr (is_half<T>()) {
+    if (p.tensor_cores && tc_shape_supported(p.D, p.Dv, p.ms)) {
+      // Enough blocks to fill the GPU; beyond that a block walks several
+      // tiles, converting k̃ and W into shared memory once for all of them.
+      int device = 0, sms = 132;
+      cudaGetDevice(&device);
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      const int64_t tiles = (p.L + kTcWarps * kTcRows - 1) / (kTcWarps * kTcRows);
+      const int64_t per = std::clamp<int64_t>(tiles * p.B * p.H / (8 * static_cast<int64_t>(sms)), 1, 8);
+      return tc_forward<T, false>(a, static_cast<int>((tiles + per - 1) / per), static_cast<int>(per), stream);
+    }
+  }
   const int BR = kWarps * rpw<T>();
   return forward_t<T, false>(a, (p.L + BR - 1) / BR, 1, stream);
 }

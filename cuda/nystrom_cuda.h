@@ -50,6 +50,7 @@ struct Problem {
   double scale = 1.0;      // softmax scale
   const int* q_count = nullptr;  // (B) real queries, or null: all L
   const int* k_count = nullptr;  // (B) real keys, or null: all S
+  bool tensor_cores = true;      // float16/bfloat16: tensor-core forward where the shape allows
 };
 
 /// Which side of the attention a per-token operation works on.

@@ -29,6 +29,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -84,6 +86,17 @@ k::MutRowsView mut_view_of(const Tensor& t, const Tensor& index) {
   return v;
 }
 
+// NYSTROM_CUDA_TENSOR_CORES=0 turns the tensor-core forward kernels of
+// float16/bfloat16 off (every call then takes the generic kernels): a way to
+// tell a tensor-core problem from any other when checking a new GPU.
+bool tensor_cores_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("NYSTROM_CUDA_TENSOR_CORES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return enabled;
+}
+
 // Padding, per batch element, on the device; plus what the m x m ATen steps
 // need: which elements take the Nyström path and their landmark counts.
 struct Layout {
@@ -123,6 +136,7 @@ Layout make_layout(const char* op, const Tensor& q, const Tensor& kk, const Tens
   p.m = to_int(std::min<int64_t>(o.num_landmarks, std::numeric_limits<int>::max()), op, "num_landmarks");
   p.ms = to_int(detail::saved_landmarks(o.num_landmarks, L, S).expect_int(), op, "landmark rows");
   p.scale = o.scale;
+  p.tensor_cores = tensor_cores_enabled();
   const bool has_q = qpm.has_value() && qpm->defined();
   const bool has_k = kpm.has_value() && kpm->defined();
   if (has_q) compact(*qpm, &lay.q_count, &lay.q_index);

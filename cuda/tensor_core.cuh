@@ -1,0 +1,250 @@
+// Tensor-core forward kernels for float16 / bfloat16 inputs (WMMA, sm_80+):
+// the two long products of the forward when the head dims are 64 or 128 and
+// every element has at most 64 landmarks (ms <= 64). Each warp owns 16 owner
+// rows; logits and products run on the tensor cores in the input dtype with
+// float32 accumulation; softmax statistics stay in float32 (the
+// probabilities are rounded to the input dtype only as the left operand of
+// the second product, as flash attention does). Same contracts as the
+// generic kernels in kernels.cuh, which serve every other case.
+#pragma once
+
+#include "kernels.cuh"
+
+#include <mma.h>
+
+namespace nystrom::cuda {
+namespace kern {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kTcWarps = 4;   // warps per block
+constexpr int kTcRows = 16;   // owner rows per warp
+constexpr int kTcSlots = 64;  // landmark (or key-chunk) rows per step
+
+inline bool tc_shape_supported(int D, int Dv, int ms) {
+  return (D == 64 || D == 128) && (Dv == 64 || Dv == 128) && ms <= kTcSlots;
+}
+
+// Shared memory per block, in bytes.
+template <typename T>
+constexpr size_t tc_query_smem(int D, int DV) {
+  return sizeof(T) * kTcSlots * (D + DV) +
+         kTcWarps * (sizeof(T) * kTcRows * D + sizeof(float) * kTcRows * kTcSlots + sizeof(T) * kTcRows * kTcSlots +
+                     sizeof(float) * kTcRows * DV);
+}
+template <typename T>
+constexpr size_t tc_landmark_smem(int D, int DV) {
+  return sizeof(T) * kTcSlots * (2 * D + DV) +
+         kTcWarps * (sizeof(float) * kTcRows * kTcSlots + sizeof(T) * kTcRows * kTcSlots +
+                     sizeof(float) * kTcRows * DV + sizeof(float) * kTcRows);
+}
+
+// S (16 x 64, float, ld 64) = Q (16 x D, ld D) · Kᵀ, K (64 x D, ld D): both in smem.
+template <typename T, int D>
+__device__ __forceinline__ void tc_logits(const T* sQ, const T* sK, float* sS) {
+#pragma unroll
+  for (int j = 0; j < kTcSlots / 16; ++j) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int t = 0; t < D / 16; ++t) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+      wmma::load_matrix_sync(a, sQ + 16 * t, D);
+      wmma::load_matrix_sync(b, sK + 16 * j * D + 16 * t, D);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(sS + 16 * j, acc, kTcSlots, wmma::mem_row_major);
+  }
+}
+
+// O (16 x DV, float, ld DV) (+)= P (16 x 64, ld 64) · V (64 x DV, ld DV).
+template <typename T, int DV>
+__device__ __forceinline__ void tc_product(const T* sP, const T* sV, float* sO, bool accumulate) {
+#pragma unroll
+  for (int j = 0; j < DV / 16; ++j) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if (accumulate) {
+      wmma::load_matrix_sync(acc, sO + 16 * j, DV, wmma::mem_row_major);
+    } else {
+      wmma::fill_fragment(acc, 0.0f);
+    }
+#pragma unroll
+    for (int t = 0; t < kTcSlots / 16; ++t) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      wmma::load_matrix_sync(a, sP + 16 * t, kTcSlots);
+      wmma::load_matrix_sync(b, sV + 16 * t * DV + 16 * j, DV);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(sO + 16 * j, acc, DV, wmma::mem_row_major);
+  }
+}
+
+// Query rows: out = softmax(scale q k̃ᵀ)·W and lse, for every non-empty
+// element; k̃ and W (fp32 in global) are converted once per block, which then
+// walks `tiles_per_block` tiles of 64 queries.
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs a, int tiles_per_block) {
+  const Problem& p = a.p;
+  const int bh = a.bh0 + blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const Elem e = element(p, b);
+  if (!selected(e, Only::kAll)) return;
+  const int nx = e.Lb, ny = e.mk;
+  constexpr int BR = kTcWarps * kTcRows;
+  const int first = blockIdx.x * tiles_per_block * BR;
+  if (first >= nx) return;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [64][D]
+  T* sW = sK + kTcSlots * D;                // [64][DV]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  unsigned char* wbase = reinterpret_cast<unsigned char*>(sW + kTcSlots * DV) +
+                         warp * (sizeof(T) * kTcRows * D + sizeof(float) * kTcRows * kTcSlots +
+                                 sizeof(T) * kTcRows * kTcSlots + sizeof(float) * kTcRows * DV);
+  T* sQ = reinterpret_cast<T*>(wbase);                   // [16][D]
+  float* sS = reinterpret_cast<float*>(sQ + kTcRows * D);  // [16][64]
+  T* sP = reinterpret_cast<T*>(sS + kTcRows * kTcSlots);   // [16][64]
+  float* sO = reinterpret_cast<float*>(sP + kTcRows * kTcSlots);  // [16][DV]
+
+  const float* klm = static_cast<const float*>(a.y.data) + static_cast<int64_t>(bh) * p.ms * D;
+  const float* wlm = static_cast<const float*>(a.v.data) + static_cast<int64_t>(bh) * p.ms * DV;
+  for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) {
+    const int r = i / D;
+    sK[i] = from_acc<T>(r < ny ? klm[static_cast<int64_t>(r) * D + i % D] : 0.0f);
+  }
+  for (int i = tid; i < kTcSlots * DV; i += kTcWarps * 32) {
+    const int r = i / DV;
+    sW[i] = from_acc<T>(r < ny ? wlm[static_cast<int64_t>(r) * DV + i % DV] : 0.0f);
+  }
+  __syncthreads();
+  const float scale = static_cast<float>(p.scale);
+  const int r = lane >> 1, half = lane & 1;  // softmax: a lane pair per row, 32 columns each
+
+  for (int tile = 0; tile < tiles_per_block; ++tile) {
+    const int x0 = first + tile * BR + warp * kTcRows;  // this warp's first row
+    if (x0 >= nx) break;                                // warp-uniform
+    for (int i = lane; i < kTcRows * D; i += 32) {
+      const int rr = i / D;
+      sQ[i] = x0 + rr < nx ? row_ptr<T>(a.x, b, h, x0 + rr)[i % D] : from_acc<T>(0.0f);
+    }
+    __syncwarp();
+    tc_logits<T, D>(sQ, sK, sS);
+    __syncwarp();
+    float mx = -CUDART_INF_F;
+    for (int c = half * 32; c < half * 32 + 32; ++c)
+      if (c < ny) mx = fmaxf(mx, sS[r * kTcSlots + c] * scale);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    float sum = 0.0f;
+    for (int c = half * 32; c < half * 32 + 32; ++c)
+      if (c < ny) sum += expf(sS[r * kTcSlots + c] * scale - mx);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    const float inv = 1.0f / sum;
+    for (int c = half * 32; c < half * 32 + 32; ++c)
+      sP[r * kTcSlots + c] = from_acc<T>(c < ny ? expf(sS[r * kTcSlots + c] * scale - mx) * inv : 0.0f);
+    if (half == 0 && x0 + r < nx) {
+      const int64_t pos = position(a.out.index, a.out.npad, b, x0 + r);
+      static_cast<float*>(a.lse)[static_cast<int64_t>(bh) * p.L + pos] = mx + logf(sum);
+    }
+    __syncwarp();
+    tc_product<T, DV>(sP, sW, sO, /*accumulate=*/false);
+    __syncwarp();
+    for (int i = lane; i < kTcRows * DV; i += 32) {
+      const int rr = i / DV;
+      if (x0 + rr >= nx) continue;
+      const int64_t pos = position(a.out.index, a.out.npad, b, x0 + rr);
+      T* orow = static_cast<T*>(a.out.data) + b * a.out.sb + h * a.out.sh + pos * a.out.sr;
+      orow[i % DV] = from_acc<T>(sO[i]);
+    }
+    __syncwarp();
+  }
+}
+
+// Bm·V partials over one key split: owner rows are the (at most 64) query
+// landmarks of a Nyström element, keys and values arrive 64 at a time, with
+// an online softmax per row (rescaling the float32 running product in smem).
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardArgs a) {
+  const Problem& p = a.p;
+  const int bh = a.bh0 + blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const Elem e = element(p, b);
+  if (!selected(e, Only::kNystrom)) return;
+  const int nx = e.mq, ny = e.Sb;
+  const int per = ((ny + a.splits - 1) / a.splits + kTcSlots - 1) / kTcSlots * kTcSlots;
+  const int y0 = min(ny, static_cast<int>(blockIdx.y) * per), y1 = min(ny, y0 + per);
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [64][D] all owner rows
+  T* sK = sQ + kTcSlots * D;                // [64][D]
+  T* sV = sK + kTcSlots * D;                // [64][DV]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  unsigned char* wbase = reinterpret_cast<unsigned char*>(sV + kTcSlots * DV) +
+                         warp * (sizeof(float) * kTcRows * kTcSlots + sizeof(T) * kTcRows * kTcSlots +
+                                 sizeof(float) * kTcRows * DV + sizeof(float) * kTcRows);
+  float* sS = reinterpret_cast<float*>(wbase);                    // [16][64]
+  T* sP = reinterpret_cast<T*>(sS + kTcRows * kTcSlots);           // [16][64]
+  float* sO = reinterpret_cast<float*>(sP + kTcRows * kTcSlots);   // [16][DV]
+  float* sAlpha = sO + kTcRows * DV;                               // [16]
+
+  const float* qlm = static_cast<const float*>(a.x.data) + static_cast<int64_t>(bh) * p.ms * D;
+  for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) {
+    const int rr = i / D;
+    sQ[i] = from_acc<T>(rr < nx ? qlm[static_cast<int64_t>(rr) * D + i % D] : 0.0f);
+  }
+  for (int i = lane; i < kTcRows * DV; i += 32) sO[i] = 0.0f;
+  const float scale = static_cast<float>(p.scale);
+  const int r = lane >> 1, half = lane & 1;
+  float m_run = -CUDART_INF_F, l_run = 0.0f;  // row r's statistics (both lanes of the pair agree)
+  const T* sQw = sQ + warp * kTcRows * D;
+
+  for (int c0 = y0; c0 < y1; c0 += kTcSlots) {
+    __syncthreads();  // the previous chunk is consumed (and sQ is loaded)
+    for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) {
+      const int rr = i / D;
+      sK[i] = c0 + rr < y1 ? row_ptr<T>(a.y, b, h, c0 + rr)[i % D] : from_acc<T>(0.0f);
+    }
+    for (int i = tid; i < kTcSlots * DV; i += kTcWarps * 32) {
+      const int rr = i / DV;
+      sV[i] = c0 + rr < y1 ? row_ptr<T>(a.v, b, h, c0 + rr)[i % DV] : from_acc<T>(0.0f);
+    }
+    __syncthreads();
+    tc_logits<T, D>(sQw, sK, sS);
+    __syncwarp();
+    const int valid = y1 - c0;  // keys of this chunk
+    float cm = -CUDART_INF_F;
+    for (int c = half * 32; c < half * 32 + 32; ++c)
+      if (c < valid) cm = fmaxf(cm, sS[r * kTcSlots + c] * scale);
+    cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
+    const float m_new = fmaxf(m_run, cm);  // finite: the chunk has a key
+    float ps = 0.0f;
+    for (int c = half * 32; c < half * 32 + 32; ++c) {
+      const float pe = c < valid ? expf(sS[r * kTcSlots + c] * scale - m_new) : 0.0f;
+      ps += pe;
+      sP[r * kTcSlots + c] = from_acc<T>(pe);
+    }
+    ps += __shfl_xor_sync(0xffffffffu, ps, 1);
+    const float alpha = expf(m_run - m_new);
+    l_run = l_run * alpha + ps;
+    m_run = m_new;
+    if (half == 0) sAlpha[r] = alpha;
+    __syncwarp();
+    for (int i = lane; i < kTcRows * DV; i += 32) sO[i] *= sAlpha[i / DV];
+    __syncwarp();
+    tc_product<T, DV>(sP, sV, sO, /*accumulate=*/true);
+    __syncwarp();
+  }
+  const int gr = warp * kTcRows + r;
+  if (gr < nx && half == 0) {
+    const int64_t slot = (static_cast<int64_t>(bh) * a.splits + blockIdx.y) * p.ms + gr;
+    static_cast<float*>(a.part_max)[slot] = m_run;
+    static_cast<float*>(a.part_sum)[slot] = l_run;
+  }
+  __syncwarp();
+  for (int i = lane; i < kTcRows * DV; i += 32) {
+    const int rr = warp * kTcRows + i / DV;
+    if (rr >= nx) continue;
+    const int64_t slot = (static_cast<int64_t>(bh) * a.splits + blockIdx.y) * p.ms + rr;
+    static_cast<float*>(a.part_acc)[slot * DV + i % DV] = sO[i];
+  }
+}
+
+}  // namespace kern
+}  // namespace nystrom::cuda
