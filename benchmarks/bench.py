@@ -1,4 +1,4 @@
-"""Sweep: this op against its peers, on the CPU, over sequence lengths.
+"""Sweep: this op against its peers, over sequence lengths, on the CPU (default) or a CUDA device.
 
 Compares, in one process and on the same inputs (benchmarks/workload.py):
 torch_nystrom; the same algorithm as plain PyTorch calls (Hugging Face
@@ -12,13 +12,36 @@ time/memory plots (log-log).
 
     python benchmarks/bench.py                       # B=2 H=8 D=64 m=64, n = 512 .. 65536, float32
     python benchmarks/bench.py --dtype bfloat16 --n 1024 4096 16384
+
+--device cuda: defaults B=4 H=16 D=128 m=64, n = 1024 .. 131072, float16 and
+bfloat16. Times are CUDA events around each call (median after a warm-up), with
+several input sets (--input-sets, default 3) rotated between repeats so that
+the caches do not flatter; memory is torch.cuda.max_memory_allocated() during
+the call (peak reset just before) minus what was allocated before it: the
+output (and for forward+backward the gradients) and every temporary, the same
+way for all (the CSV also has it beyond the results); errors as on the CPU,
+computed on the device in float64. For every forward the fraction of the
+memory-bandwidth floor reached: Q, K, V read once and O written once at the
+bandwidth of a device-to-device copy measured in the same process (read + write
+bytes). lucidrains' package is skipped with a note where it is not installed.
+Writes gpu_<card>_<dtype>.csv, .txt (and .png with matplotlib) and
+gpu_<card>_short.txt (one line per n and dtype: this op and its ratios).
+
+    python benchmarks/bench.py --device cuda --max-seconds 150
+
+--max-seconds (either device): a time budget; the sweep stops before a point
+that would overrun it (estimated from the previous length, linear in n, SDPA
+quadratic) and writes what it has.
 """
 import argparse
 import csv
+import importlib.util
 import math
 import os
 import platform
+import re
 import sys
+import time
 
 import torch
 
@@ -26,10 +49,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import impls  # noqa: E402
 import workload  # noqa: E402
-from measure import median_time, memory_in_subprocess, rel_error  # noqa: E402
+from measure import (cuda_copy_bandwidth, cuda_median_time, cuda_peak_memory, median_time,  # noqa: E402
+                     memory_in_subprocess, rel_error)
 
 IMPLS = ["ours", "composition", "lucidrains", "sdpa"]
 LABEL = {"ours": "torch_nystrom", "composition": "composition", "lucidrains": "lucidrains", "sdpa": "exact_sdpa"}
+
+
+def available_impls(names):
+    """names without the peers whose package is not installed here (with a note)."""
+    names = list(names)
+    if "lucidrains" in names and importlib.util.find_spec("nystrom_attention") is None:
+        print("note: lucidrains' nystrom-attention is not installed here: skipped")
+        names.remove("lucidrains")
+    return names
 
 
 def exact_rows(q, k, v, rows):
@@ -49,31 +82,75 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def main():
+# Defaults per device: the CPU sweep as it always was; the GPU sweep at a transformer-layer size.
+DEFAULTS = {
+    "cpu": dict(n=[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536], batch=2, heads=8, dim=64, landmarks=64,
+                dtype=["float32"], sdpa_max_n=16384, repeats=3),
+    "cuda": dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], batch=4, heads=16, dim=128,
+                 landmarks=64, dtype=["float16", "bfloat16"], sdpa_max_n=32768, repeats=10),
+}
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--landmarks", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--n", type=int, nargs="+", help="sequence lengths (default: per device, see above)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--dim", type=int)
+    p.add_argument("--landmarks", type=int)
+    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"],
+                   help="one or more (default: float32 on the CPU, float16 and bfloat16 on CUDA)")
     p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
-    p.add_argument("--sdpa-max-n", type=int, default=16384, help="exact attention is O(n^2): skip it above this")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sdpa-max-n", type=int, help="exact attention is O(n^2): skip it above this "
+                                                  "(default 16384 on the CPU, 32768 on CUDA)")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--input-sets", type=int, default=3, help="CUDA: input sets rotated between repeats")
+    p.add_argument("--max-seconds", type=float, help="time budget of the sweep: stop cleanly when it is spent")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--replot", metavar="CSV", help="only redraw the table and plots of an earlier run's CSV")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for name, value in DEFAULTS[args.device].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def read_records(path):
+    with open(path) as f:
+        return [{k: (float(v) if k not in ("impl", "dtype", "n") and v not in ("", "None") else
+                     (int(v) if k == "n" else (None if v in ("", "None") else v)))
+                 for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.replot:
-        with open(args.replot) as f:
-            records = [{k: (float(v) if k not in ("impl", "dtype", "n") and v not in ("", "None") else
-                            (int(v) if k == "n" else (None if v in ("", "None") else v)))
-                        for k, v in row.items()} for row in csv.DictReader(f)]
+        records = read_records(args.replot)
         args.dtype = records[0]["dtype"]
+        if "bw_frac" in records[0]:  # a GPU sweep: its table and plot go next to the CSV
+            for name, column in (("batch", "B"), ("heads", "H"), ("dim", "D"), ("landmarks", "m")):
+                setattr(args, name, int(records[0][column]))
+            stem = os.path.splitext(args.replot)[0]
+            machine = os.path.basename(stem)
+            print(gpu_report(records, args, machine))
+            plot(records, args, machine, path=stem + ".png", gpu=True)
+            return
         machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         report(records, args, machine)
         plot(records, args, machine)
         return
+    deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+    if args.device == "cuda":
+        run_cuda(args, deadline)
+        return
+    for dtype in args.dtype:
+        run_cpu(argparse.Namespace(**{**vars(args), "dtype": dtype}), deadline)
+
+
+def run_cpu(args, deadline=None):
+    """The CPU sweep of one dtype (args.dtype)."""
     import torch_nystrom  # noqa: F401
 
     try:
@@ -88,10 +165,13 @@ def main():
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"B={B} H={H} D={D} m={m} {args.dtype}; {machine}")
     records = []
-    points = [(n, name) for n in args.n for name in args.impls]
+    points = [(n, name) for n in args.n for name in available_impls(args.impls)]
     for n, name in tqdm(points, desc="bench", unit="pt"):
         if name == "sdpa" and n > args.sdpa_max_n:
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"\ntime budget ({args.max_seconds:g} s) spent: stopped before n={n} {LABEL[name]}")
+            break
         q, k, v = workload.make_inputs(B, H, n, D, dtype)
         fn = getattr(impls, name)
         extra = {}
@@ -128,14 +208,21 @@ def main():
                             fwd_bwd_mib=None if mem_fb is None else mem_fb / 2**20,
                             err_vs_exact=err_exact, err_vs_ref64=err_ref))
 
+    if not records:
+        print(f"no point measured for {args.dtype}")
+        return
     path = os.path.join(args.out, f"cpu_{args.dtype}.csv")
+    write_csv(path, records)
+    report(records, args, machine)
+    plot(records, args, machine)
+    print(f"\nwrote {path}")
+
+
+def write_csv(path, records):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(records[0].keys()))
         w.writeheader()
         w.writerows(records)
-    report(records, args, machine)
-    plot(records, args, machine)
-    print(f"\nwrote {path}")
 
 
 def fmt(x, spec):
@@ -164,7 +251,9 @@ def report(records, args, machine):
     print("(x = peer / torch_nystrom: above 1 means torch_nystrom is faster or smaller; memory ratios use at least 1 MiB)")
 
 
-def plot(records, args, machine):
+def plot(records, args, machine, path=None, gpu=False):
+    """Log-log time and memory plots; on a GPU sweep a fifth panel: the forward's fraction of the
+    memory-bandwidth floor."""
     try:
         import matplotlib
 
@@ -173,12 +262,17 @@ def plot(records, args, machine):
     except ImportError:
         print("matplotlib not installed: no plots")
         return
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    panels = [("fwd_ms", "forward time (ms)"), ("fwd_bwd_ms", "forward+backward time (ms)")]
+    if gpu:
+        panels += [("fwd_mib", "forward peak memory beyond inputs (MiB)"),
+                   ("fwd_bwd_mib", "fwd+bwd peak memory beyond inputs (MiB)"),
+                   ("bw_frac", "forward: fraction of the bandwidth floor")]
+    else:
+        panels += [("fwd_mib", "forward memory beyond inputs, output (MiB)"),
+                   ("fwd_bwd_mib", "fwd+bwd memory beyond inputs, output, grads (MiB)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
     impls_seen = sorted({r["impl"] for r in records}, key=lambda s: list(LABEL.values()).index(s))
-    for ax, key, title in zip(axes, ["fwd_ms", "fwd_bwd_ms", "fwd_mib", "fwd_bwd_mib"],
-                              ["forward time (ms)", "forward+backward time (ms)",
-                               "forward memory beyond inputs, output (MiB)",
-                               "fwd+bwd memory beyond inputs, output, grads (MiB)"]):
+    for ax, (key, title) in zip(axes, panels):
         for name in impls_seen:
             # memory below 0.1 MiB is page-granularity noise: drawn at 0.1
             pts = [(r["n"], max(r[key], 0.1) if key.endswith("mib") else r[key])
@@ -190,12 +284,277 @@ def plot(records, args, machine):
         ax.set_xlabel("sequence length n")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # an empty panel (e.g. --no-memory) has nothing to label
+            ax.legend()
     fig.suptitle(f"B={args.batch} H={args.heads} D={args.dim} m={args.landmarks} {args.dtype}; {machine}", fontsize=9)
     fig.tight_layout()
-    path = os.path.join(args.out, f"cpu_{args.dtype}.png")
+    if path is None:
+        path = os.path.join(args.out, f"cpu_{args.dtype}.png")
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+GPU = "cuda"  # the device of the CUDA sweep
+
+
+def card_tag(name):
+    """The device name as a file-name part: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.-") or "gpu"
+
+
+def gpu_paths(out, tag, dtype):
+    """csv, txt and png paths of one dtype's GPU sweep."""
+    stem = os.path.join(out, f"gpu_{tag}_{dtype}")
+    return stem + ".csv", stem + ".txt", stem + ".png"
+
+
+def _flat_heads(t):
+    return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
+def _chunks(count, bytes_each, budget=1 << 30):
+    """Slices of range(count) holding at most `budget` bytes each (at least one item)."""
+    step = max(1, budget // max(1, bytes_each))
+    return [slice(i, min(count, i + step)) for i in range(0, count, step)]
+
+
+def exact_rows_error(out, q, k, v, rows):
+    """Relative (Frobenius) error of out at query rows `rows` against exact attention in float64, a few
+    heads at a time (all heads at once would need B*H*len(rows)*n doubles)."""
+    qf, kf, vf, of = (_flat_heads(t) for t in (q, k, v, out))
+    n, D = kf.shape[1], kf.shape[2]
+    num = den = 0.0
+    for sl in _chunks(qf.shape[0], 8 * n * (len(rows) + kf.shape[2] + vf.shape[2])):
+        s = (qf[sl][:, rows].double() @ kf[sl].double().transpose(-1, -2)) * D ** -0.5
+        ref = torch.softmax(s, -1) @ vf[sl].double()
+        num += (of[sl][:, rows].double() - ref).square().sum().item()
+        den += ref.square().sum().item()
+    return math.sqrt(num / den)
+
+
+def ref64_error(out, q, k, v, m):
+    """Relative (Frobenius) error against the float64 Nyström reference (per_head: heads are independent, so
+    it runs a few heads at a time)."""
+    qf, kf, vf, of = (_flat_heads(t) for t in (q, k, v, out))
+    n, D, Dv = kf.shape[1], kf.shape[2], vf.shape[2]
+    num = den = 0.0
+    for sl in _chunks(qf.shape[0], 8 * n * (2 * D + 2 * Dv + 4 * m)):
+        ref = impls.reference64(qf[sl][None], kf[sl][None], vf[sl][None], m)[0]
+        num += (of[sl].double() - ref).square().sum().item()
+        den += ref.square().sum().item()
+    return math.sqrt(num / den)
+
+
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def gpu_point(name, sets, m, args, bandwidth):
+    """One (implementation, n, dtype) of the GPU sweep: a record, or None if the peer cannot run it."""
+    fn = getattr(impls, name)
+    q, k, v = sets[0]
+    B, H, n, D = q.shape
+    Dv = v.shape[-1]
+    extras = [{"packed": impls.lucidrains_pack(*s)} if name == "lucidrains" else {} for s in sets]
+    try:
+        with torch.no_grad():
+            out = fn(q, k, v, m, **extras[0])
+            rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: min(n, 256)].to(q.device)
+            err_exact = exact_rows_error(out, q, k, v, rows)
+            err_ref = ref64_error(out, q, k, v, m) if name in ("ours", "composition") else math.nan
+            out_bytes = _nbytes([out])
+            del out
+            t_fwd = cuda_median_time(lambda i: fn(*sets[i % len(sets)], m, **extras[i % len(sets)]),
+                                     repeats=args.repeats)
+            mem_f = None
+            if not args.no_memory:
+                mem_f, res = cuda_peak_memory(lambda: fn(q, k, v, m, **extras[0]))
+                del res
+        extras.clear()
+        leaves = [[t.detach().requires_grad_() for t in s] for s in sets]
+        grad = torch.randn(B, H, n, Dv, dtype=q.dtype, device=q.device)
+
+        def fwd_bwd(i):
+            inputs = leaves[i % len(leaves)]
+            fn(*inputs, m).backward(grad)
+            for t in inputs:
+                t.grad = None
+
+        t_fb = cuda_median_time(fwd_bwd, repeats=args.repeats)
+        mem_fb = None
+        if not args.no_memory:
+            def fwd_bwd_kept():
+                o = fn(*leaves[0], m)
+                o.backward(grad)
+                return [o.detach()] + [t.grad for t in leaves[0]]
+
+            mem_fb, res = cuda_peak_memory(fwd_bwd_kept)
+            res_bytes = _nbytes(res)
+            del res
+            for t in leaves[0]:
+                t.grad = None
+    except RuntimeError as exc:  # a peer that cannot run this configuration, or out of memory
+        print(f"\n{LABEL[name]} fails at n={n} {str(q.dtype).replace('torch.', '')}: {str(exc).splitlines()[0]}")
+        return None
+    finally:
+        extras.clear()
+    # The floor: q, k, v read once and the output written once, at the measured copy bandwidth.
+    floor_s = (_nbytes([q, k, v]) + B * H * n * Dv * q.element_size()) / bandwidth
+    mib = 2.0 ** 20
+    return dict(
+        impl=LABEL[name], n=n, dtype=str(q.dtype).replace("torch.", ""), B=B, H=H, D=D, m=m,
+        fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_fb * 1e3,
+        fwd_mib=None if mem_f is None else mem_f / mib,
+        fwd_bwd_mib=None if mem_fb is None else mem_fb / mib,
+        fwd_extra_mib=None if mem_f is None else (mem_f - out_bytes) / mib,
+        fwd_bwd_extra_mib=None if mem_fb is None else (mem_fb - res_bytes) / mib,
+        err_vs_exact=err_exact, err_vs_ref64=err_ref,
+        floor_ms=floor_s * 1e3, bw_frac=floor_s / t_fwd,
+    )
+
+
+def gpu_report(records, args, machine):
+    """The full table of one dtype's GPU sweep, as text."""
+    by = {(r["impl"], r["n"]): r for r in records}
+    r0 = records[0]
+    lines = [f"B={r0['B']:g} H={r0['H']:g} D={r0['D']:g} m={r0['m']:g} {r0['dtype']}; {machine}", "",
+             f"{'n':>7} {'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'fwd MiB':>9}{'f+b MiB':>9}{'err exact':>10}"
+             f"{'err ref64':>10}{'%floor':>7}{'fwd x':>7}{'f+b x':>7}{'mem x':>7}"]
+    for r in records:
+        o = by.get(("torch_nystrom", r["n"]))
+        rt = rb = rm = None
+        if o and r["impl"] != "torch_nystrom":
+            rt, rb = r["fwd_ms"] / o["fwd_ms"], r["fwd_bwd_ms"] / o["fwd_bwd_ms"]
+            if r["fwd_mib"] is not None and o["fwd_mib"] is not None:
+                rm = max(r["fwd_mib"], 1.0) / max(o["fwd_mib"], 1.0)
+        lines.append(
+            f"{r['n']:>7} {r['impl']:<14}{r['fwd_ms']:>9.2f}{r['fwd_bwd_ms']:>9.2f}{fmt(r['fwd_mib'], '9.1f'):>9}"
+            f"{fmt(r['fwd_bwd_mib'], '9.1f'):>9}{r['err_vs_exact']:>10.2e}{fmt(r['err_vs_ref64'], '10.2e'):>10}"
+            f"{100 * r['bw_frac']:>6.1f}%{fmt(rt, '7.2f'):>7}{fmt(rb, '7.2f'):>7}{fmt(rm, '7.2f'):>7}")
+    lines.append("(x = peer / torch_nystrom: above 1 means torch_nystrom is faster or smaller; memory = peak during "
+                 "the call beyond what was allocated before it, output and gradients included; %floor = time of "
+                 "reading q, k, v and writing the output once at copy bandwidth / forward time)")
+    return "\n".join(lines)
+
+
+def gpu_short_table(records_by_dtype, machine, note=None):
+    """One line per (dtype, n): this op's times, its fraction of the bandwidth floor, and the peers' ratios."""
+    peers = [("composition", "comp"), ("lucidrains", "lucid"), ("exact_sdpa", "sdpa")]
+    present = [(label, short) for label, short in peers
+               if any(r["impl"] == label for recs in records_by_dtype.values() for r in recs)]
+    head = f"{'dtype':<9}{'n':>7}{'fwd ms':>9}{'f+b ms':>9}{'%floor':>7}"
+    for _, short in present:
+        head += f"{short + ' fwd x':>13}{short + ' f+b x':>13}{short + ' mem x':>13}"
+    lines = [f"GPU benchmark, torch_nystrom vs peers ({machine})", head]
+    for dtype, records in records_by_dtype.items():
+        by = {(r["impl"], r["n"]): r for r in records}
+        for n in sorted({r["n"] for r in records}):
+            o = by.get(("torch_nystrom", n))
+            if o is None:
+                continue
+            line = f"{dtype:<9}{n:>7}{o['fwd_ms']:>9.2f}{o['fwd_bwd_ms']:>9.2f}{100 * o['bw_frac']:>6.1f}%"
+            for label, _ in present:
+                r = by.get((label, n))
+                rt = rb = rm = None
+                if r is not None:
+                    rt, rb = r["fwd_ms"] / o["fwd_ms"], r["fwd_bwd_ms"] / o["fwd_bwd_ms"]
+                    if r["fwd_bwd_mib"] is not None and o["fwd_bwd_mib"] is not None:
+                        rm = max(r["fwd_bwd_mib"], 1.0) / max(o["fwd_bwd_mib"], 1.0)
+                line += f"{fmt(rt, '13.2f'):>13}{fmt(rb, '13.2f'):>13}{fmt(rm, '13.2f'):>13}"
+            lines.append(line)
+    lines.append("(x = peer / torch_nystrom, above 1: torch_nystrom faster or smaller; mem x: fwd+bwd peak memory)")
+    if note:
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def _predicted_seconds(cost, n, args):
+    """Seconds the points at length n should take, from each (dtype, impl)'s last point: linear in n,
+    quadratic for exact attention."""
+    total = 0.0
+    for (_, name), (n0, seconds) in cost.items():
+        if name == "sdpa" and n > args.sdpa_max_n:
+            continue
+        total += seconds * (n / n0) ** (2 if name == "sdpa" else 1)
+    return total
+
+
+def run_cuda(args, deadline=None):
+    if GPU == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py --device cuda: torch sees no CUDA device")
+    import torch_nystrom  # noqa: F401
+
+    card = torch.cuda.get_device_name()
+    tag = card_tag(card)
+    machine = f"{card}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    os.makedirs(args.out, exist_ok=True)
+    B, H, D, m = args.batch, args.heads, args.dim, args.landmarks
+    names = available_impls(args.impls)
+    bandwidth = cuda_copy_bandwidth(device=GPU)
+    print(f"B={B} H={H} D={D} m={m} {' '.join(args.dtype)}; {machine}; "
+          f"device-to-device copy {bandwidth / 1e9:.0f} GB/s (read + write)")
+
+    records = {dtype: [] for dtype in args.dtype}
+    cost = {}
+    note = None
+
+    def write_files(final=False):
+        for dtype, recs in records.items():
+            if not recs:
+                continue
+            csv_path, txt_path, png_path = gpu_paths(args.out, tag, dtype)
+            write_csv(csv_path, recs)
+            if final:
+                table = gpu_report(recs, args, machine)
+                with open(txt_path, "w") as f:
+                    f.write(table + ("\n" + note if note else "") + "\n")
+                print("\n" + table)
+                plot(recs, argparse.Namespace(**{**vars(args), "dtype": dtype}), machine, path=png_path, gpu=True)
+                print(f"wrote {csv_path}\nwrote {txt_path}")
+        short = gpu_short_table(records, machine, note)
+        with open(os.path.join(args.out, f"gpu_{tag}_short.txt"), "w") as f:
+            f.write(short + "\n")
+        return short
+
+    try:
+        for n in args.n:
+            if deadline is not None and time.monotonic() + _predicted_seconds(cost, n, args) > deadline:
+                note = f"time budget ({args.max_seconds:g} s) spent: stopped before n={n}"
+                break
+            for dtype in args.dtype:
+                dt = getattr(torch, dtype)
+                set_bytes = 3 * B * H * n * D * dt.itemsize
+                free, _ = torch.cuda.mem_get_info()
+                n_sets = max(1, min(args.input_sets, int(0.25 * free) // set_bytes))
+                if n_sets < args.input_sets:
+                    print(f"n={n} {dtype}: {n_sets} input set(s), not {args.input_sets}: device memory")
+                sets = [workload.make_inputs(B, H, n, D, dt, seed=i, device=GPU) for i in range(n_sets)]
+                for name in names:
+                    if name == "sdpa" and n > args.sdpa_max_n:
+                        continue
+                    if deadline is not None and time.monotonic() > deadline:
+                        note = f"time budget ({args.max_seconds:g} s) spent: stopped at n={n} {dtype} {LABEL[name]}"
+                        break
+                    t0 = time.monotonic()
+                    rec = gpu_point(name, sets, m, args, bandwidth)
+                    torch.cuda.empty_cache()
+                    cost[(dtype, name)] = (n, time.monotonic() - t0)
+                    if rec is not None:
+                        records[dtype].append(rec)
+                        print(f"n={n:>6} {dtype:<8} {rec['impl']:<14} fwd {rec['fwd_ms']:9.2f} ms  "
+                              f"f+b {rec['fwd_bwd_ms']:9.2f} ms  {100 * rec['bw_frac']:5.1f}% of floor", flush=True)
+                        write_files()
+                del sets
+                torch.cuda.empty_cache()
+                if note:
+                    break
+            if note:
+                break
+    finally:
+        short = write_files(final=True)
+        print("\n" + short)
 
 
 if __name__ == "__main__":

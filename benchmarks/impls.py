@@ -58,8 +58,8 @@ def reference64(q, k, v, m, pinv_init="per_head", iters=6):
 _LUCIDRAINS = {}
 
 
-def _lucidrains_layer(H, D, m, iters, dtype):
-    key = (H, D, m, iters, dtype)
+def _lucidrains_layer(H, D, m, iters, dtype, device="cpu"):
+    key = (H, D, m, iters, dtype, str(device))
     if key not in _LUCIDRAINS:
         from nystrom_attention import NystromAttention
 
@@ -67,7 +67,7 @@ def _lucidrains_layer(H, D, m, iters, dtype):
                                  pinv_iterations=iters, residual=False)
         layer.to_qkv = torch.nn.Identity()
         layer.to_out = torch.nn.Identity()
-        _LUCIDRAINS[key] = layer.to(dtype)
+        _LUCIDRAINS[key] = layer.to(device=device, dtype=dtype)
     return _LUCIDRAINS[key]
 
 
@@ -80,5 +80,5 @@ def lucidrains_pack(q, k, v):
 def lucidrains(q, k, v, m, pinv_init=None, iters=6, packed=None):
     B, H, n, D = q.shape
     x = lucidrains_pack(q, k, v) if packed is None else packed
-    out = _lucidrains_layer(H, D, m, iters, q.dtype)(x)
+    out = _lucidrains_layer(H, D, m, iters, q.dtype, q.device)(x)
     return out.view(B, n, H, D).transpose(1, 2)
