@@ -14,6 +14,7 @@
 // calls with the same inputs and the same thread count are bitwise equal.
 // (Across thread counts results may differ in the last bits: the BLAS splits a
 // product differently when it may use several threads.)
+#include "newton_schulz.h"
 #include "nystrom_common.h"
 
 #include <ATen/ATen.h>
@@ -157,6 +158,10 @@ Tensor inverse_segment_sizes(int64_t n, int64_t ms, at::ScalarType acc) {
 
 // Segment means (landmarks) of the real rows of x_bh: (ms x d).
 Tensor landmarks(const Tensor& x_bh, const Tensor& idx, int64_t n, int64_t ms, at::ScalarType acc) {
+  if (!idx.defined() && n % ms == 0 && n / ms <= 2048) {
+    // Equal segments of contiguous rows (the common case): one reduction.
+    return x_bh.narrow(0, 0, n).reshape({ms, n / ms, x_bh.size(1)}).to(acc).mean(1);
+  }
   Tensor sums = at::zeros({ms, x_bh.size(1)}, x_bh.options().dtype(acc));
   const int64_t tile = 2048;  // chunks bound the temporary memory only
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
@@ -164,57 +169,6 @@ Tensor landmarks(const Tensor& x_bh, const Tensor& idx, int64_t n, int64_t ms, a
     sums.index_add_(0, segment_ids(r0, r1, n, ms), rows(x_bh, idx, r0, r1, acc));
   }
   return sums.mul_(inverse_segment_sizes(n, ms, acc));
-}
-
-// Newton–Schulz iterates Z_0 .. Z_T of the pseudoinverse of A (mq x mk):
-// Z_0 = A^T / c; Z <- 1/4 Z (13 I - A Z (15 I - A Z (7 I - A Z))).
-std::vector<Tensor> newton_schulz(const Tensor& A, double c, int64_t iterations) {
-  std::vector<Tensor> Z;
-  Z.reserve(iterations + 1);
-  Z.push_back(A.t().div(c));
-  const Tensor I = at::eye(A.size(0), A.options());
-  for (int64_t t = 0; t < iterations; ++t) {
-    const Tensor& Zt = Z.back();
-    Tensor X = at::mm(A, Zt);
-    Tensor Y = at::mm(X, I * 7 - X);
-    Y = at::mm(X, I * 15 - Y);
-    Z.push_back(at::mm(Zt, I * 13 - Y).mul_(0.25));
-  }
-  return Z;
-}
-
-// Backward of newton_schulz: given dL/dZ_T, returns dL/dA through every
-// iteration and Z_0, and dL/dc (c enters through Z_0 only).
-std::pair<Tensor, double> newton_schulz_backward(const Tensor& A, double c, const std::vector<Tensor>& Z,
-                                                 Tensor dZ) {
-  const Tensor I = at::eye(A.size(0), A.options());
-  Tensor dA = at::zeros_like(A);
-  for (int64_t t = static_cast<int64_t>(Z.size()) - 2; t >= 0; --t) {
-    const Tensor& Zt = Z[t];
-    Tensor X = at::mm(A, Zt);
-    Tensor Y3 = I * 7 - X;
-    Tensor Y2 = I * 15 - at::mm(X, Y3);
-    Tensor Y1 = I * 13 - at::mm(X, Y2);
-    // Z_{t+1} = 1/4 Zt Y1
-    Tensor dY1 = at::mm(Zt.t(), dZ).mul_(0.25);
-    Tensor dZt = at::mm(dZ, Y1.t()).mul_(0.25);
-    // Y1 = 13 I - X Y2
-    Tensor dX = -at::mm(dY1, Y2.t());
-    Tensor dY2 = -at::mm(X.t(), dY1);
-    // Y2 = 15 I - X Y3
-    dX.sub_(at::mm(dY2, Y3.t()));
-    Tensor dY3 = -at::mm(X.t(), dY2);
-    // Y3 = 7 I - X
-    dX.sub_(dY3);
-    // X = A Zt
-    dA.add_(at::mm(dX, Zt.t()));
-    dZt.add_(at::mm(A.t(), dX));
-    dZ = dZt;
-  }
-  // Z_0 = A^T / c
-  dA.add_(dZ.t().div(c));
-  const double dc = -(dZ * Z[0]).sum().item<double>() / c;
-  return {dA, dc};
 }
 
 // Largest column sum of A and the first column that attains it.
@@ -326,7 +280,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   for (int64_t b = 0; b < B; ++b)
     if (el[b].kind == Kind::kNystrom)
       for (int64_t h = 0; h < H; ++h) heads.push_back(b * H + h);
-  std::vector<Tensor> A(B * H);
+  // A of every head in one zero-padded stack (zero for heads off the Nyström path).
+  Tensor A_all = at::zeros({B, H, ms, ms}, acc_opts);
   std::vector<double> c(B * H, 0.0);
   run_tasks(static_cast<int64_t>(heads.size()), (Ld + Sd) * Dd + md * md * Dd, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
@@ -335,8 +290,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     Tensor kl = landmarks(k[b][h], e.kidx, e.Sb, e.mk, acc);
     q_lm[b][h].narrow(0, 0, e.mq).copy_(ql);
     k_lm[b][h].narrow(0, 0, e.mk).copy_(kl);
-    A[bh] = softmax_rows(ql, kl * scale).first;
-    c[bh] = max_column_sum(A[bh]).first;
+    Tensor Ah = softmax_rows(ql, kl * scale).first;
+    c[bh] = max_column_sum(Ah).first;
+    A_all[b][h].narrow(0, 0, e.mq).narrow(1, 0, e.mk).copy_(Ah);
   });
   if (o.original_init && !heads.empty()) {
     double cmax = 0.0;
@@ -368,13 +324,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     part_pv[ktile_of[i]] = at::mm(p, vt);
   });
 
-  // Phase 3, per head: merge the key tiles, then Z = pinv(A), zbv = Z·bv.
+  // Phase 3, per head: merge the key tiles into bv; then, for all heads at
+  // once, Z = pinv(A) and zbv = Z·bv.
   std::vector<int64_t> first_ktile(B * H, -1);
   for (int64_t idx : ktile_of) {
     const int64_t bh = ktiles[idx].b * H + ktiles[idx].h;
     if (first_ktile[bh] < 0) first_ktile[bh] = idx;
   }
-  run_tasks(static_cast<int64_t>(heads.size()), md * md * md * (3.0 * it + 1) + std::ceil(Sd / tS) * md * Dvd, [&](int64_t i) {
+  run_tasks(static_cast<int64_t>(heads.size()), std::ceil(Sd / tS) * md * Dvd, [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     const int64_t n_tiles = (e.Sb + tile_rows(e.Sb, B * H) - 1) / tile_rows(e.Sb, B * H);
@@ -391,12 +348,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     Tensor bvh = pv.div_(sum);
     bv[b][h].narrow(0, 0, e.mq).copy_(bvh);
     lse_l[b][h].narrow(0, 0, e.mq).copy_(sum.log_().add_(mx).squeeze(1));
-    std::vector<Tensor> Z = newton_schulz(A[bh], c[bh], o.pinv_iterations);
-    zbv[b][h].narrow(0, 0, e.mk).copy_(at::mm(Z.back(), bvh));
   });
   part_max.clear();
   part_sum.clear();
   part_pv.clear();
+  if (!heads.empty()) {
+    std::vector<double> c_ns(B * H, 1.0);  // 1 off the Nyström path (A = 0 there)
+    for (int64_t bh : heads) c_ns[bh] = c[bh];
+    const Tensor c_t = at::tensor(c_ns, at::TensorOptions().dtype(at::kDouble)).to(acc).view({B, H, 1, 1});
+    at::matmul_out(zbv, detail::newton_schulz_last(A_all, c_t, o.pinv_iterations), bv);
+  }
 
   // Phase 4, tiles of queries: out = softmax(scale q k̃ᵀ)·zbv on the Nyström
   // path, softmax(scale q kᵀ)·v on the exact path (whole element: L_b, S_b <= m).
@@ -539,29 +500,46 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   std::vector<double> dc(B * H, 0.0), c(B * H, 0.0);
   std::vector<int64_t> cmax_col(B * H, 0);
   std::vector<double> colsum_max(B * H, 0.0);  // this head's own c (before "original")
-  run_tasks(static_cast<int64_t>(heads.size()), md * md * md * (6.0 * it + 2) + std::ceil(Ld / tL) * md * (Dd + Dvd), [&](int64_t i) {
+  // Every head's A and dL/dzbv in zero-padded stacks, for the batched
+  // Newton–Schulz derivative below (zero and c = 1 off the Nyström path).
+  Tensor A_all = at::zeros({B, H, ms, ms}, acc_opts);
+  Tensor dw2_all = at::zeros({B, H, ms, Dv}, acc_opts);
+  run_tasks(static_cast<int64_t>(heads.size()), md * md * Dd + std::ceil(Ld / tL) * md * (Dd + Dvd), [&](int64_t i) {
     const int64_t bh = heads[i], b = bh / H, h = bh % H;
     const Element& e = el[b];
     Tensor dkl_h = part_dkl[first_qtile[bh]].clone();
-    Tensor dw2 = part_dw2[first_qtile[bh]].clone();
+    Tensor dw2 = dw2_all[b][h].narrow(0, 0, e.mk);
+    dw2.copy_(part_dw2[first_qtile[bh]]);
     for (int64_t j = 1; j < n_qtiles[bh]; ++j) {
       dkl_h.add_(part_dkl[first_qtile[bh] + j]);
       dw2.add_(part_dw2[first_qtile[bh] + j]);
     }
     Tensor ql = q_lm[b][h].narrow(0, 0, e.mq);
-    Tensor bvh = bv[b][h].narrow(0, 0, e.mq);
-    A[bh] = softmax_rows(ql, k_lm_s[b][h].narrow(0, 0, e.mk)).first;
+    A[bh] = A_all[b][h].narrow(0, 0, e.mq).narrow(1, 0, e.mk);
+    A[bh].copy_(softmax_rows(ql, k_lm_s[b][h].narrow(0, 0, e.mk)).first);
     c[bh] = c_saved[b][h].item<double>();
     std::tie(colsum_max[bh], cmax_col[bh]) = max_column_sum(A[bh]);
-    std::vector<Tensor> Z = newton_schulz(A[bh], c[bh], o.pinv_iterations);
-    // zbv = Z_T · bv
-    dbv[bh] = at::mm(Z.back().t(), dw2);
-    auto [dAh, dch] = newton_schulz_backward(A[bh], c[bh], Z, at::mm(dw2, bvh.t()));
-    dA[bh] = dAh;
-    dc[bh] = dch;
     dkl[bh] = dkl_h;
     dql[bh] = at::zeros({e.mq, D}, acc_opts);
   });
+  {
+    // Back through zbv = Z_T·bv and every Newton–Schulz iteration, all heads at once.
+    std::vector<double> c_ns(B * H, 1.0);
+    for (int64_t bh : heads) c_ns[bh] = c[bh];
+    const Tensor c_t = at::tensor(c_ns, at::TensorOptions().dtype(at::kDouble)).to(acc).view({B, H, 1, 1});
+    const std::vector<Tensor> Z = detail::newton_schulz_iterates(A_all, c_t, o.pinv_iterations);
+    const Tensor dbv_all = at::matmul(Z.back().transpose(-1, -2), dw2_all);
+    auto [dA_all, dc_all] = detail::newton_schulz_backward(A_all, c_t, Z, at::matmul(dw2_all, bv.transpose(-1, -2)));
+    const Tensor dc_d = dc_all.to(at::kDouble).contiguous();
+    const double* dcp = dc_d.data_ptr<double>();
+    for (int64_t bh : heads) {
+      const int64_t b = bh / H, h = bh % H;
+      const Element& e = el[b];
+      dbv[bh] = dbv_all[b][h].narrow(0, 0, e.mq);
+      dA[bh] = dA_all[b][h].narrow(0, 0, e.mq).narrow(1, 0, e.mk);
+      dc[bh] = dcp[bh];
+    }
+  }
   part_dkl.clear();
   part_dw2.clear();
 

@@ -19,6 +19,7 @@
 // part (Newton–Schulz iterates and their derivative) runs as batched cuBLAS
 // products. Nothing n x m or n x n is stored, and no step uses atomics:
 // results are bitwise repeatable.
+#include "newton_schulz.h"
 #include "nystrom_common.h"
 
 #include "nystrom_cuda.h"
@@ -175,51 +176,6 @@ Tensor landmark_kernel_matrix(const Layout& lay, const Tensor& q_lm, const Tenso
   return at::where(lay.row_ok.logical_and(lay.nys), A, at::zeros({}, A.options()));
 }
 
-// Newton–Schulz iterates Z_0 .. Z_T, batched over (B, H); c (B, H, 1, 1).
-std::vector<Tensor> newton_schulz_iterates(const Tensor& A, const Tensor& c, int64_t iterations) {
-  std::vector<Tensor> Z;
-  Z.reserve(iterations + 1);
-  Z.push_back(A.transpose(-1, -2).div(c));
-  const Tensor I = at::eye(A.size(-1), A.options());
-  for (int64_t t = 0; t < iterations; ++t) {
-    const Tensor& Zt = Z.back();
-    Tensor X = at::matmul(A, Zt);
-    Tensor Y = at::matmul(X, I * 7 - X);
-    Y = at::matmul(X, I * 15 - Y);
-    Z.push_back(at::matmul(Zt, I * 13 - Y).mul_(0.25));
-  }
-  return Z;
-}
-
-// Backward of newton_schulz_iterates: dL/dA and dL/dc (B, H, 1, 1).
-std::pair<Tensor, Tensor> newton_schulz_backward(const Tensor& A, const Tensor& c, const std::vector<Tensor>& Z,
-                                                 Tensor dZ) {
-  const Tensor I = at::eye(A.size(-1), A.options());
-  const Tensor At = A.transpose(-1, -2);
-  Tensor dA = at::zeros_like(A);
-  for (int64_t t = static_cast<int64_t>(Z.size()) - 2; t >= 0; --t) {
-    const Tensor& Zt = Z[t];
-    Tensor X = at::matmul(A, Zt);
-    Tensor Xt = X.transpose(-1, -2);
-    Tensor Y3 = I * 7 - X;
-    Tensor Y2 = I * 15 - at::matmul(X, Y3);
-    Tensor Y1 = I * 13 - at::matmul(X, Y2);
-    Tensor dY1 = at::matmul(Zt.transpose(-1, -2), dZ).mul_(0.25);
-    Tensor dZt = at::matmul(dZ, Y1.transpose(-1, -2)).mul_(0.25);
-    Tensor dX = -at::matmul(dY1, Y2.transpose(-1, -2));
-    Tensor dY2 = -at::matmul(Xt, dY1);
-    dX.sub_(at::matmul(dY2, Y3.transpose(-1, -2)));
-    Tensor dY3 = -at::matmul(Xt, dY2);
-    dX.sub_(dY3);
-    dA.add_(at::matmul(dX, Zt.transpose(-1, -2)));
-    dZt.add_(at::matmul(At, dX));
-    dZ = dZt;
-  }
-  dA.add_(dZ.transpose(-1, -2).div(c));
-  Tensor dc = (dZ * Z[0]).sum({-2, -1}, /*keepdim=*/true).neg_().div_(c);
-  return {dA, dc};
-}
-
 // Thread blocks to keep every multiprocessor busy.
 int64_t target_blocks() { return 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount); }
 
@@ -313,8 +269,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
                                         bv.data_ptr(), zbv.data_ptr(), stream),
                  op, "Newton–Schulz");
   } else {
-    std::vector<Tensor> Z = newton_schulz_iterates(A, c_safe.view({B, H, 1, 1}), o.pinv_iterations);
-    at::matmul_out(zbv, Z.back(), bv);
+    at::matmul_out(zbv, detail::newton_schulz_last(A, c_safe.view({B, H, 1, 1}), o.pinv_iterations), bv);
   }
   zbv.add_(v_lm);  // exact elements: W is their values (zbv is zero there)
 
@@ -395,9 +350,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_out_in,
   // The m x m part (zero for elements off the Nyström path).
   Tensor A = landmark_kernel_matrix(lay, q_lm, k_lm);
   Tensor c = at::where(lay.nys.reshape({B, H}), c_in.detach(), at::ones({}, acc_opts)).view({B, H, 1, 1});
-  std::vector<Tensor> Z = newton_schulz_iterates(A, c, o.pinv_iterations);
+  std::vector<Tensor> Z = detail::newton_schulz_iterates(A, c, o.pinv_iterations);
   Tensor dbv = at::matmul(Z.back().transpose(-1, -2), dW);  // zbv = Z_T·bv
-  auto [dA, dc] = newton_schulz_backward(A, c, Z, at::matmul(dW, bv.transpose(-1, -2)));
+  auto [dA, dc] = detail::newton_schulz_backward(A, c, Z, at::matmul(dW, bv.transpose(-1, -2)));
   // c = the largest column sum of A: its gradient reaches that column (with
   // "original", all heads' dc reach the first head attaining the maximum).
   Tensor colsum = A.sum(-2);                          // (B, H, ms)
