@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <tuple>
 #include <cmath>
 #include <vector>
@@ -116,28 +117,15 @@ void put_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor&
   }
 }
 
-// dst_bh[real rows r0.., as many as a has) = a·b (+ addend): straight into
-// dst when its rows are contiguous in the compute dtype, saving a copy.
-void mm_put(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor& a, const Tensor& b,
-            const Tensor& addend = Tensor()) {
+// dst_bh[real rows r0.., as many as a has) = a·b: straight into dst when its
+// rows are contiguous in the compute dtype, saving a copy.
+void mm_put(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor& a, const Tensor& b) {
   if (!idx.defined() && dst_bh.scalar_type() == a.scalar_type() && dst_bh.stride(-1) == 1) {
     Tensor slice = dst_bh.narrow(0, r0, a.size(0));
     at::mm_out(slice, a, b);
-    if (addend.defined()) slice.add_(addend);
     return;
   }
-  Tensor r = at::mm(a, b);
-  if (addend.defined()) r.add_(addend);
-  put_rows(dst_bh, idx, r0, r);
-}
-
-// dst_bh[real rows r0..r1) += src
-void add_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor& src) {
-  if (idx.defined()) {
-    dst_bh.index_add_(0, idx.narrow(0, r0, src.size(0)), src.to(dst_bh.scalar_type()));
-  } else {
-    dst_bh.narrow(0, r0, src.size(0)).add_(src);
-  }
+  put_rows(dst_bh, idx, r0, at::mm(a, b));
 }
 
 // Segment (landmark) index of each of the rows r0..r1 of a sequence of n real
@@ -178,10 +166,62 @@ std::pair<double, int64_t> max_column_sum(const Tensor& A) {
   return {col[j].item<double>(), j};
 }
 
+// Scratch matrices of the tasks of one parallel chunk. A tile's temporaries
+// (logits, probabilities: up to 2048 x m floats) come from here instead of
+// fresh allocations: a fresh buffer of that size is mapped and faulted in
+// page by page each time, which cost more than the arithmetic on it. Buffers
+// live for one chunk of one call (run_tasks), never beyond the call.
+class Workspace {
+ public:
+  // A (rows x cols) matrix in slot `slot`; contents undefined.
+  Tensor get(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+    Tensor& b = buf_[slot];
+    if (!b.defined() || b.numel() < rows * cols || b.scalar_type() != opts.dtype().toScalarType()) {
+      b = at::empty({rows * cols}, opts);
+    }
+    return b.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+
+ private:
+  std::array<Tensor, 4> buf_;
+};
+
+thread_local Workspace* tls_workspace = nullptr;
+
+// Slot `slot` of the running task's workspace (a fresh tensor outside run_tasks).
+Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  return tls_workspace ? tls_workspace->get(slot, rows, cols, opts) : at::empty({rows, cols}, opts);
+}
+
+// dst_bh[real rows r0..r1) += src[segment of the row] for a sequence of n real
+// tokens in ms segments (src: ms x d, contiguous, same dtype as dst). A plain
+// loop: gathering the rows first (index_select) took longer than the add.
+void add_segment_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, int64_t r1, int64_t n, int64_t ms,
+                      const Tensor& src) {
+  const Tensor s = src.contiguous();
+  const int64_t d = dst_bh.size(1), rs = dst_bh.stride(0), cs = dst_bh.stride(1);
+  const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(dst_bh.scalar_type(), "add_segment_rows", [&] {
+    scalar_t* out = dst_bh.data_ptr<scalar_t>();
+    const scalar_t* in = s.data_ptr<scalar_t>();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t seg = ((r + 1) * ms - 1) / n;
+      scalar_t* o = out + (ip ? ip[r] : r) * rs;
+      const scalar_t* a = in + seg * d;
+      if (cs == 1) {
+        for (int64_t c = 0; c < d; ++c) o[c] += a[c];
+      } else {
+        for (int64_t c = 0; c < d; ++c) o[c * cs] += a[c];
+      }
+    }
+  });
+}
+
 // Softmax of scale·x·yᵀ for a tile of rows of x; y is pre-scaled by the
 // caller. Returns the probabilities and the log-sum-exp of each row.
 std::pair<Tensor, Tensor> softmax_rows(const Tensor& x, const Tensor& y_scaled) {
-  Tensor logits = at::mm(x, y_scaled.t());
+  Tensor logits = scratch(0, x.size(0), y_scaled.size(0), x.options());
+  at::mm_out(logits, x, y_scaled.t());
   Tensor mx = logits.amax(1, /*keepdim=*/true);
   Tensor p = logits.sub_(mx).exp_();
   Tensor l = p.sum(1, /*keepdim=*/true);
@@ -208,7 +248,11 @@ void run_tasks(int64_t n, double cost, const F& f) {
   const int64_t grain = static_cast<int64_t>(std::min<double>(per_chunk, static_cast<double>(std::max<int64_t>(n, 1))));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     TaskGuard guard;
+    Workspace ws;
+    Workspace* const outer = tls_workspace;
+    tls_workspace = &ws;
     for (int64_t i = begin; i < end; ++i) f(i);
+    tls_workspace = outer;
   });
 }
 
@@ -254,7 +298,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   const int64_t S = k.size(2), Dv = v.size(3), m = o.num_landmarks;
   const int64_t ms = detail::saved_landmarks(m, L, S).expect_int();
   // Work estimates (multiply-adds per task), in double: they only size the parallel grain.
-  const double md = static_cast<double>(ms), Ld = L, Sd = S, Dd = D, Dvd = Dv, it = o.pinv_iterations;
+  const double md = static_cast<double>(ms), Ld = L, Sd = S, Dd = D, Dvd = Dv;
   const double tL = tile_rows(L, B * H), tS = tile_rows(S, B * H);
   const at::ScalarType acc = detail::accumulate_type(q.scalar_type());
   const auto acc_opts = q.options().dtype(acc);
@@ -316,7 +360,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     Tensor ql = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
     Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
-    Tensor logits = at::mm(ql, kt.t());
+    Tensor logits = scratch(0, ql.size(0), kt.size(0), acc_opts);
+    at::mm_out(logits, ql, kt.t());
     Tensor mx = logits.amax(1, true);
     Tensor p = logits.sub_(mx).exp_();
     part_max[ktile_of[i]] = mx;
@@ -413,7 +458,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   const int64_t S = k.size(2), Dv = v.size(3), m = o.num_landmarks;
   const int64_t ms = detail::saved_landmarks(m, L, S).expect_int();
   // Work estimates (multiply-adds per task), in double: they only size the parallel grain.
-  const double md = static_cast<double>(ms), Ld = L, Sd = S, Dd = D, Dvd = Dv, it = o.pinv_iterations;
+  const double md = static_cast<double>(ms), Ld = L, Sd = S, Dd = D, Dvd = Dv;
   const double tL = tile_rows(L, B * H), tS = tile_rows(S, B * H);
   const at::ScalarType acc = detail::accumulate_type(q.scalar_type());
   const auto acc_opts = q.options().dtype(acc);
@@ -479,9 +524,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor qt = rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc);
     Tensor g = rows(dO[t.b][t.h], e.qidx, t.r0, t.r1, acc);
     Tensor lse = rows(lse_q[t.b][t.h].unsqueeze(1), e.qidx, t.r0, t.r1, acc);
-    Tensor F = at::mm(qt, kl_s.t()).sub_(lse).exp_();
-    Tensor dF = at::mm(g, w2.t());
-    Tensor row = (F * dF).sum(1, true);
+    Tensor F = scratch(0, qt.size(0), kl_s.size(0), acc_opts);
+    at::mm_out(F, qt, kl_s.t()).sub_(lse).exp_();
+    Tensor dF = scratch(1, qt.size(0), kl_s.size(0), acc_opts);
+    at::mm_out(dF, g, w2.t());
+    Tensor prod = scratch(2, F.size(0), F.size(1), acc_opts);
+    Tensor row = at::mul_out(prod, F, dF).sum(1, true);
     Tensor dX = dF.sub_(row).mul_(F);
     mm_put(dq[t.b][t.h], e.qidx, t.r0, dX, kl_s);
     part_dkl[i] = at::mm(dX.t(), qt).mul_(scale);
@@ -587,12 +635,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor lse = lse_l[t.b][t.h].narrow(0, 0, e.mq).unsqueeze(1);
     Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
-    Tensor Bm = at::mm(ql_s, kt.t()).sub_(lse).exp_();
-    Tensor dBm = at::mm(dbv[bh], vt.t());
+    Tensor Bm = scratch(0, e.mq, kt.size(0), acc_opts);
+    at::mm_out(Bm, ql_s, kt.t()).sub_(lse).exp_();
+    Tensor dBm = scratch(1, e.mq, kt.size(0), acc_opts);
+    at::mm_out(dBm, dbv[bh], vt.t());
     Tensor dX = dBm.sub_((dbv[bh] * bvh).sum(1, true)).mul_(Bm);
-    Tensor seg = segment_ids(t.r0, t.r1, e.Sb, e.mk);
-    mm_put(dk[t.b][t.h], e.kidx, t.r0, dX.t(), ql_s,
-           dkl[bh].index_select(0, seg));
+    mm_put(dk[t.b][t.h], e.kidx, t.r0, dX.t(), ql_s);
+    add_segment_rows(dk[t.b][t.h], e.kidx, t.r0, t.r1, e.Sb, e.mk, dkl[bh]);
     mm_put(dv[t.b][t.h], e.kidx, t.r0, Bm.t(), dbv[bh]);
     part_dql[i] = at::mm(dX, kt).mul_(scale);
   });
@@ -613,8 +662,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   run_tasks(static_cast<int64_t>(qtiles.size()), tL * Dd, [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
-    add_rows(dq[t.b][t.h], e.qidx, t.r0,
-             dql[t.b * H + t.h].index_select(0, segment_ids(t.r0, t.r1, e.Lb, e.mq)));
+    add_segment_rows(dq[t.b][t.h], e.qidx, t.r0, t.r1, e.Lb, e.mq, dql[t.b * H + t.h]);
   });
   return finish();
 }
