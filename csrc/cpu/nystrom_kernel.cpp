@@ -16,6 +16,7 @@
 // product differently when it may use several threads.)
 #include "newton_schulz.h"
 #include "nystrom_common.h"
+#include "cpu/simd_softmax.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -217,16 +218,39 @@ void add_segment_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, int64
   });
 }
 
+// The vectorised exponentials apply to float32 matrices with contiguous rows.
+bool use_simd(const Tensor& x) {
+  return x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1 && simd::available();
+}
+
 // Softmax of scale·x·yᵀ for a tile of rows of x; y is pre-scaled by the
 // caller. Returns the probabilities and the log-sum-exp of each row.
 std::pair<Tensor, Tensor> softmax_rows(const Tensor& x, const Tensor& y_scaled) {
   Tensor logits = scratch(0, x.size(0), y_scaled.size(0), x.options());
   at::mm_out(logits, x, y_scaled.t());
+  if (use_simd(logits)) {
+    Tensor mx = at::empty({logits.size(0)}, logits.options());
+    Tensor sum = at::empty({logits.size(0)}, logits.options());
+    simd::softmax_rows(logits.data_ptr<float>(), logits.size(0), logits.size(1), logits.stride(0),
+                       mx.data_ptr<float>(), sum.data_ptr<float>(), /*normalize=*/true);
+    return {logits, sum.log_().add_(mx)};
+  }
   Tensor mx = logits.amax(1, /*keepdim=*/true);
   Tensor p = logits.sub_(mx).exp_();
   Tensor l = p.sum(1, /*keepdim=*/true);
   p.div_(l);
   return {p, l.log_().add_(mx).squeeze(1)};
+}
+
+// x (rows x cols) <- exp(x - offset), offset (rows x 1): the recomputed
+// probabilities of the backward, from saved log-sum-exps.
+void exp_shifted(const Tensor& x, const Tensor& offset) {
+  if (use_simd(x)) {
+    const Tensor off = offset.contiguous();
+    simd::exp_shifted_rows(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), off.data_ptr<float>());
+    return;
+  }
+  x.sub_(offset).exp_();
 }
 
 // Every worker runs outside the autograd layer and records nothing.
@@ -362,11 +386,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor logits = scratch(0, ql.size(0), kt.size(0), acc_opts);
     at::mm_out(logits, ql, kt.t());
-    Tensor mx = logits.amax(1, true);
-    Tensor p = logits.sub_(mx).exp_();
-    part_max[ktile_of[i]] = mx;
-    part_sum[ktile_of[i]] = p.sum(1, true);
-    part_pv[ktile_of[i]] = at::mm(p, vt);
+    if (use_simd(logits)) {
+      Tensor mx = at::empty({logits.size(0), 1}, acc_opts), sum = at::empty({logits.size(0), 1}, acc_opts);
+      simd::softmax_rows(logits.data_ptr<float>(), logits.size(0), logits.size(1), logits.stride(0),
+                         mx.data_ptr<float>(), sum.data_ptr<float>(), /*normalize=*/false);
+      part_max[ktile_of[i]] = mx;
+      part_sum[ktile_of[i]] = sum;
+    } else {
+      Tensor mx = logits.amax(1, true);
+      logits.sub_(mx).exp_();
+      part_max[ktile_of[i]] = mx;
+      part_sum[ktile_of[i]] = logits.sum(1, true);
+    }
+    part_pv[ktile_of[i]] = at::mm(logits, vt);
   });
 
   // Phase 3, per head: merge the key tiles into bv; then, for all heads at
@@ -525,7 +557,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor g = rows(dO[t.b][t.h], e.qidx, t.r0, t.r1, acc);
     Tensor lse = rows(lse_q[t.b][t.h].unsqueeze(1), e.qidx, t.r0, t.r1, acc);
     Tensor F = scratch(0, qt.size(0), kl_s.size(0), acc_opts);
-    at::mm_out(F, qt, kl_s.t()).sub_(lse).exp_();
+    exp_shifted(at::mm_out(F, qt, kl_s.t()), lse);
     Tensor dF = scratch(1, qt.size(0), kl_s.size(0), acc_opts);
     at::mm_out(dF, g, w2.t());
     Tensor prod = scratch(2, F.size(0), F.size(1), acc_opts);
@@ -636,7 +668,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor Bm = scratch(0, e.mq, kt.size(0), acc_opts);
-    at::mm_out(Bm, ql_s, kt.t()).sub_(lse).exp_();
+    exp_shifted(at::mm_out(Bm, ql_s, kt.t()), lse);
     Tensor dBm = scratch(1, e.mq, kt.size(0), acc_opts);
     at::mm_out(dBm, dbv[bh], vt.t());
     Tensor dX = dBm.sub_((dbv[bh] * bvh).sum(1, true)).mul_(Bm);
