@@ -218,8 +218,11 @@ if [ "$build_ok" = 1 ] || [ "$DRY" = 1 ]; then
   step ctest "$(log tests.log)" 60 "cd '$BUILD' && ctest --output-on-failure -j$JOBS" || true
   if [ "$install_ok" = 1 ] || [ "$DRY" = 1 ]; then
     # From tests/: the installed package is imported, not the source tree.
-    step pytest-cuda "$(log tests.log)" 120 "
-      cd tests && NYSTROM_TEST_DEVICE=cuda '$PY' -m pytest python/test_cuda.py -q -rs -p no:cacheprovider --durations=15
+    # pytest-xdist (when installed) spreads the suite over 4 processes sharing the GPU.
+    XDIST=""
+    "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
+    step pytest-cuda "$(log tests.log)" 180 "
+      cd tests && NYSTROM_TEST_DEVICE=cuda '$PY' -m pytest python/test_cuda.py -q -rs -p no:cacheprovider --durations=15 $XDIST
     " || true
     step pytest-subset "$(log tests.log)" 60 "
       cd tests && '$PY' -m pytest python/test_ops.py python/test_hardening.py python/test_autocast.py \
