@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <cmath>
 #include <vector>
@@ -218,9 +220,15 @@ void add_segment_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, int64
   });
 }
 
-// The vectorised exponentials apply to float32 matrices with contiguous rows.
+// The vectorised exponentials apply to float32 matrices with contiguous rows
+// on CPUs with AVX2/FMA. NYSTROM_CPU_SIMD=0 in the environment forces the ATen
+// path (what other CPUs run), so that tests can check it on this one.
 bool use_simd(const Tensor& x) {
-  return x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1 && simd::available();
+  static const bool enabled = [] {
+    const char* env = std::getenv("NYSTROM_CPU_SIMD");
+    return simd::available() && (env == nullptr || std::string(env) != "0");
+  }();
+  return enabled && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1;
 }
 
 // Softmax of scale·x·yᵀ for a tile of rows of x; y is pre-scaled by the
