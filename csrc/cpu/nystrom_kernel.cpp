@@ -186,7 +186,7 @@ class Workspace {
   }
 
  private:
-  std::array<Tensor, 4> buf_;
+  std::array<Tensor, 6> buf_;
 };
 
 thread_local Workspace* tls_workspace = nullptr;
@@ -194,6 +194,21 @@ thread_local Workspace* tls_workspace = nullptr;
 // Slot `slot` of the running task's workspace (a fresh tensor outside run_tasks).
 Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
   return tls_workspace ? tls_workspace->get(slot, rows, cols, opts) : at::empty({rows, cols}, opts);
+}
+
+// rows(), for a tile: when the rows must be gathered (padding) or converted
+// (float16/bfloat16 inputs), into scratch slot `slot`; else a plain view.
+Tensor tile_rows_in(int slot, const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, at::ScalarType acc) {
+  if (!idx.defined() && x_bh.scalar_type() == acc) return x_bh.narrow(0, r0, r1 - r0);
+  Tensor out = scratch(slot, r1 - r0, x_bh.size(1), x_bh.options().dtype(acc));
+  if (!idx.defined()) {
+    out.copy_(x_bh.narrow(0, r0, r1 - r0));
+  } else if (x_bh.scalar_type() == acc) {
+    at::index_select_out(out, x_bh, 0, idx.narrow(0, r0, r1 - r0));
+  } else {
+    out.copy_(x_bh.index_select(0, idx.narrow(0, r0, r1 - r0)));
+  }
+  return out;
 }
 
 // dst_bh[real rows r0..r1) += src[segment of the row] for a sequence of n real
@@ -390,8 +405,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const Tile& t = ktiles[ktile_of[i]];
     const Element& e = el[t.b];
     Tensor ql = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
-    Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
-    Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor kt = tile_rows_in(4, k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor vt = tile_rows_in(5, v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor logits = scratch(0, ql.size(0), kt.size(0), acc_opts);
     at::mm_out(logits, ql, kt.t());
     if (use_simd(logits)) {
@@ -458,7 +473,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
       keys = rows(k[t.b][t.h], e.kidx, 0, e.Sb, acc).mul(scale);
       values = rows(v[t.b][t.h], e.kidx, 0, e.Sb, acc);
     }
-    auto [p, lse] = softmax_rows(rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc), keys);
+    auto [p, lse] = softmax_rows(tile_rows_in(4, q[t.b][t.h], e.qidx, t.r0, t.r1, acc), keys);
     mm_put(out[t.b][t.h], e.qidx, t.r0, p, values);
     put_rows(lse_q[t.b][t.h], e.qidx, t.r0, lse);
   });
@@ -561,8 +576,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     const Element& e = el[t.b];
     Tensor kl_s = k_lm_s[t.b][t.h].narrow(0, 0, e.mk);
     Tensor w2 = zbv[t.b][t.h].narrow(0, 0, e.mk);
-    Tensor qt = rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc);
-    Tensor g = rows(dO[t.b][t.h], e.qidx, t.r0, t.r1, acc);
+    Tensor qt = tile_rows_in(4, q[t.b][t.h], e.qidx, t.r0, t.r1, acc);
+    Tensor g = tile_rows_in(5, dO[t.b][t.h], e.qidx, t.r0, t.r1, acc);
     Tensor lse = rows(lse_q[t.b][t.h].unsqueeze(1), e.qidx, t.r0, t.r1, acc);
     Tensor F = scratch(0, qt.size(0), kl_s.size(0), acc_opts);
     exp_shifted(at::mm_out(F, qt, kl_s.t()), lse);
@@ -673,8 +688,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor ql_s = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
     Tensor bvh = bv[t.b][t.h].narrow(0, 0, e.mq);
     Tensor lse = lse_l[t.b][t.h].narrow(0, 0, e.mq).unsqueeze(1);
-    Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
-    Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor kt = tile_rows_in(4, k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor vt = tile_rows_in(5, v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
     Tensor Bm = scratch(0, e.mq, kt.size(0), acc_opts);
     exp_shifted(at::mm_out(Bm, ql_s, kt.t()), lse);
     Tensor dBm = scratch(1, e.mq, kt.size(0), acc_opts);
