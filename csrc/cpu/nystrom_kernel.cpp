@@ -149,9 +149,10 @@ Tensor inverse_segment_sizes(int64_t n, int64_t ms, at::ScalarType acc) {
 
 // Segment means (landmarks) of the real rows of x_bh: (ms x d).
 Tensor landmarks(const Tensor& x_bh, const Tensor& idx, int64_t n, int64_t ms, at::ScalarType acc) {
-  if (!idx.defined() && n % ms == 0 && n / ms <= 2048) {
-    // Equal segments of contiguous rows (the common case): one reduction.
-    return x_bh.narrow(0, 0, n).reshape({ms, n / ms, x_bh.size(1)}).to(acc).mean(1);
+  if (!idx.defined() && n % ms == 0 && x_bh.scalar_type() == acc) {
+    // Equal segments of contiguous rows in the compute dtype (the common
+    // case): one reduction, no temporary beyond the result.
+    return x_bh.narrow(0, 0, n).reshape({ms, n / ms, x_bh.size(1)}).mean(1);
   }
   Tensor sums = at::zeros({ms, x_bh.size(1)}, x_bh.options().dtype(acc));
   const int64_t tile = 2048;  // chunks bound the temporary memory only
