@@ -105,10 +105,50 @@ std::vector<Element> describe_batch(const char* op, int64_t B, int64_t L, int64_
   return el;
 }
 
-// Rows [r0, r1) of the real tokens of x_bh (n x d), in the compute dtype.
-Tensor rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, at::ScalarType acc) {
-  Tensor t = idx.defined() ? x_bh.index_select(0, idx.narrow(0, r0, r1 - r0)) : x_bh.narrow(0, r0, r1 - r0);
-  return t.to(acc);
+
+// Scratch matrices of the tasks of one parallel chunk. A tile's temporaries
+// (logits, probabilities: up to 2048 x m floats) come from here instead of
+// fresh allocations: a fresh buffer of that size is mapped and faulted in
+// page by page each time, which cost more than the arithmetic on it. Buffers
+// live for one chunk of one call (run_tasks), never beyond the call.
+class Workspace {
+ public:
+  // A (rows x cols) matrix in slot `slot`; contents undefined.
+  Tensor get(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+    Tensor& b = buf_[slot];
+    if (!b.defined() || b.numel() < rows * cols || b.scalar_type() != opts.dtype().toScalarType()) {
+      b = at::empty({rows * cols}, opts);
+    }
+    return b.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+
+ private:
+  std::array<Tensor, 6> buf_;
+};
+
+thread_local Workspace* tls_workspace = nullptr;
+
+// Slot `slot` of the running task's workspace (a fresh tensor outside run_tasks).
+Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  return tls_workspace ? tls_workspace->get(slot, rows, cols, opts) : at::empty({rows, cols}, opts);
+}
+
+// Rows [r0, r1) of the real tokens of x_bh (n x d), in the compute dtype: a
+// view when nothing must be gathered (padding) or converted (float16 /
+// bfloat16 inputs); else a copy, into scratch slot `slot` when one is given
+// (tiles inside run_tasks), or a fresh tensor.
+Tensor rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, at::ScalarType acc, int slot = -1) {
+  if (!idx.defined() && x_bh.scalar_type() == acc) return x_bh.narrow(0, r0, r1 - r0);
+  const auto opts = x_bh.options().dtype(acc);
+  Tensor out = slot >= 0 ? scratch(slot, r1 - r0, x_bh.size(1), opts) : at::empty({r1 - r0, x_bh.size(1)}, opts);
+  if (!idx.defined()) {
+    out.copy_(x_bh.narrow(0, r0, r1 - r0));
+  } else if (x_bh.scalar_type() == acc) {
+    at::index_select_out(out, x_bh, 0, idx.narrow(0, r0, r1 - r0));
+  } else {
+    out.copy_(x_bh.index_select(0, idx.narrow(0, r0, r1 - r0)));
+  }
+  return out;
 }
 
 // dst_bh[real rows r0..r1) = src
@@ -163,53 +203,20 @@ Tensor landmarks(const Tensor& x_bh, const Tensor& idx, int64_t n, int64_t ms, a
   return sums.mul_(inverse_segment_sizes(n, ms, acc));
 }
 
+// c of every head as a (B, H, 1, 1) stack for the batched Newton–Schulz
+// steps: the heads' own c on the Nyström path, 1 elsewhere (A = 0 there).
+Tensor pinv_scales(const std::vector<double>& c, const std::vector<int64_t>& heads, int64_t B, int64_t H,
+                   at::ScalarType acc) {
+  std::vector<double> all(B * H, 1.0);
+  for (int64_t bh : heads) all[bh] = c[bh];
+  return at::tensor(all, at::TensorOptions().dtype(at::kDouble)).to(acc).view({B, H, 1, 1});
+}
+
 // Largest column sum of A and the first column that attains it.
 std::pair<double, int64_t> max_column_sum(const Tensor& A) {
   Tensor col = A.sum(0);
   const int64_t j = col.argmax().item<int64_t>();
   return {col[j].item<double>(), j};
-}
-
-// Scratch matrices of the tasks of one parallel chunk. A tile's temporaries
-// (logits, probabilities: up to 2048 x m floats) come from here instead of
-// fresh allocations: a fresh buffer of that size is mapped and faulted in
-// page by page each time, which cost more than the arithmetic on it. Buffers
-// live for one chunk of one call (run_tasks), never beyond the call.
-class Workspace {
- public:
-  // A (rows x cols) matrix in slot `slot`; contents undefined.
-  Tensor get(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-    Tensor& b = buf_[slot];
-    if (!b.defined() || b.numel() < rows * cols || b.scalar_type() != opts.dtype().toScalarType()) {
-      b = at::empty({rows * cols}, opts);
-    }
-    return b.narrow(0, 0, rows * cols).view({rows, cols});
-  }
-
- private:
-  std::array<Tensor, 6> buf_;
-};
-
-thread_local Workspace* tls_workspace = nullptr;
-
-// Slot `slot` of the running task's workspace (a fresh tensor outside run_tasks).
-Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-  return tls_workspace ? tls_workspace->get(slot, rows, cols, opts) : at::empty({rows, cols}, opts);
-}
-
-// rows(), for a tile: when the rows must be gathered (padding) or converted
-// (float16/bfloat16 inputs), into scratch slot `slot`; else a plain view.
-Tensor tile_rows_in(int slot, const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, at::ScalarType acc) {
-  if (!idx.defined() && x_bh.scalar_type() == acc) return x_bh.narrow(0, r0, r1 - r0);
-  Tensor out = scratch(slot, r1 - r0, x_bh.size(1), x_bh.options().dtype(acc));
-  if (!idx.defined()) {
-    out.copy_(x_bh.narrow(0, r0, r1 - r0));
-  } else if (x_bh.scalar_type() == acc) {
-    at::index_select_out(out, x_bh, 0, idx.narrow(0, r0, r1 - r0));
-  } else {
-    out.copy_(x_bh.index_select(0, idx.narrow(0, r0, r1 - r0)));
-  }
-  return out;
 }
 
 // dst_bh[real rows r0..r1) += src[segment of the row] for a sequence of n real
@@ -249,21 +256,27 @@ bool use_simd(const Tensor& x) {
 
 // Softmax of scale·x·yᵀ for a tile of rows of x; y is pre-scaled by the
 // caller. Returns the probabilities and the log-sum-exp of each row.
+// In place, row by row: x <- exp(x - max), then divided by the row sum when
+// normalize. Returns the row maxima and sums (before normalising), (rows x 1).
+std::pair<Tensor, Tensor> exp_rows(const Tensor& x, bool normalize) {
+  if (use_simd(x)) {
+    Tensor mx = at::empty({x.size(0), 1}, x.options()), sum = at::empty({x.size(0), 1}, x.options());
+    simd::softmax_rows(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), mx.data_ptr<float>(),
+                       sum.data_ptr<float>(), normalize);
+    return {mx, sum};
+  }
+  Tensor mx = x.amax(1, /*keepdim=*/true);
+  x.sub_(mx).exp_();
+  Tensor sum = x.sum(1, /*keepdim=*/true);
+  if (normalize) x.div_(sum);
+  return {mx, sum};
+}
+
 std::pair<Tensor, Tensor> softmax_rows(const Tensor& x, const Tensor& y_scaled) {
   Tensor logits = scratch(0, x.size(0), y_scaled.size(0), x.options());
   at::mm_out(logits, x, y_scaled.t());
-  if (use_simd(logits)) {
-    Tensor mx = at::empty({logits.size(0)}, logits.options());
-    Tensor sum = at::empty({logits.size(0)}, logits.options());
-    simd::softmax_rows(logits.data_ptr<float>(), logits.size(0), logits.size(1), logits.stride(0),
-                       mx.data_ptr<float>(), sum.data_ptr<float>(), /*normalize=*/true);
-    return {logits, sum.log_().add_(mx)};
-  }
-  Tensor mx = logits.amax(1, /*keepdim=*/true);
-  Tensor p = logits.sub_(mx).exp_();
-  Tensor l = p.sum(1, /*keepdim=*/true);
-  p.div_(l);
-  return {p, l.log_().add_(mx).squeeze(1)};
+  auto [mx, sum] = exp_rows(logits, /*normalize=*/true);
+  return {logits, sum.log_().add_(mx).squeeze(1)};
 }
 
 // x (rows x cols) <- exp(x - offset), offset (rows x 1): the recomputed
@@ -406,22 +419,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     const Tile& t = ktiles[ktile_of[i]];
     const Element& e = el[t.b];
     Tensor ql = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
-    Tensor kt = tile_rows_in(4, k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
-    Tensor vt = tile_rows_in(5, v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc, 4);
+    Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc, 5);
     Tensor logits = scratch(0, ql.size(0), kt.size(0), acc_opts);
     at::mm_out(logits, ql, kt.t());
-    if (use_simd(logits)) {
-      Tensor mx = at::empty({logits.size(0), 1}, acc_opts), sum = at::empty({logits.size(0), 1}, acc_opts);
-      simd::softmax_rows(logits.data_ptr<float>(), logits.size(0), logits.size(1), logits.stride(0),
-                         mx.data_ptr<float>(), sum.data_ptr<float>(), /*normalize=*/false);
-      part_max[ktile_of[i]] = mx;
-      part_sum[ktile_of[i]] = sum;
-    } else {
-      Tensor mx = logits.amax(1, true);
-      logits.sub_(mx).exp_();
-      part_max[ktile_of[i]] = mx;
-      part_sum[ktile_of[i]] = logits.sum(1, true);
-    }
+    std::tie(part_max[ktile_of[i]], part_sum[ktile_of[i]]) = exp_rows(logits, /*normalize=*/false);
     part_pv[ktile_of[i]] = at::mm(logits, vt);
   });
 
@@ -454,9 +456,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   part_sum.clear();
   part_pv.clear();
   if (!heads.empty()) {
-    std::vector<double> c_ns(B * H, 1.0);  // 1 off the Nyström path (A = 0 there)
-    for (int64_t bh : heads) c_ns[bh] = c[bh];
-    const Tensor c_t = at::tensor(c_ns, at::TensorOptions().dtype(at::kDouble)).to(acc).view({B, H, 1, 1});
+    const Tensor c_t = pinv_scales(c, heads, B, H, acc);
     at::matmul_out(zbv, detail::newton_schulz_last(A_all, c_t, o.pinv_iterations), bv);
   }
 
@@ -474,7 +474,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
       keys = rows(k[t.b][t.h], e.kidx, 0, e.Sb, acc).mul(scale);
       values = rows(v[t.b][t.h], e.kidx, 0, e.Sb, acc);
     }
-    auto [p, lse] = softmax_rows(tile_rows_in(4, q[t.b][t.h], e.qidx, t.r0, t.r1, acc), keys);
+    auto [p, lse] = softmax_rows(rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc, 4), keys);
     mm_put(out[t.b][t.h], e.qidx, t.r0, p, values);
     put_rows(lse_q[t.b][t.h], e.qidx, t.r0, lse);
   });
@@ -577,8 +577,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     const Element& e = el[t.b];
     Tensor kl_s = k_lm_s[t.b][t.h].narrow(0, 0, e.mk);
     Tensor w2 = zbv[t.b][t.h].narrow(0, 0, e.mk);
-    Tensor qt = tile_rows_in(4, q[t.b][t.h], e.qidx, t.r0, t.r1, acc);
-    Tensor g = tile_rows_in(5, dO[t.b][t.h], e.qidx, t.r0, t.r1, acc);
+    Tensor qt = rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc, 4);
+    Tensor g = rows(dO[t.b][t.h], e.qidx, t.r0, t.r1, acc, 5);
     Tensor lse = rows(lse_q[t.b][t.h].unsqueeze(1), e.qidx, t.r0, t.r1, acc);
     Tensor F = scratch(0, qt.size(0), kl_s.size(0), acc_opts);
     exp_shifted(at::mm_out(F, qt, kl_s.t()), lse);
@@ -628,9 +628,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   });
   {
     // Back through zbv = Z_T·bv and every Newton–Schulz iteration, all heads at once.
-    std::vector<double> c_ns(B * H, 1.0);
-    for (int64_t bh : heads) c_ns[bh] = c[bh];
-    const Tensor c_t = at::tensor(c_ns, at::TensorOptions().dtype(at::kDouble)).to(acc).view({B, H, 1, 1});
+    const Tensor c_t = pinv_scales(c, heads, B, H, acc);
     const std::vector<Tensor> Z = detail::newton_schulz_iterates(A_all, c_t, o.pinv_iterations);
     const Tensor dbv_all = at::matmul(Z.back().transpose(-1, -2), dw2_all);
     auto [dA_all, dc_all] = detail::newton_schulz_backward(A_all, c_t, Z, at::matmul(dw2_all, bv.transpose(-1, -2)));
@@ -689,8 +687,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     Tensor ql_s = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
     Tensor bvh = bv[t.b][t.h].narrow(0, 0, e.mq);
     Tensor lse = lse_l[t.b][t.h].narrow(0, 0, e.mq).unsqueeze(1);
-    Tensor kt = tile_rows_in(4, k[t.b][t.h], e.kidx, t.r0, t.r1, acc);
-    Tensor vt = tile_rows_in(5, v[t.b][t.h], e.kidx, t.r0, t.r1, acc);
+    Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc, 4);
+    Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc, 5);
     Tensor Bm = scratch(0, e.mq, kt.size(0), acc_opts);
     exp_shifted(at::mm_out(Bm, ql_s, kt.t()), lse);
     Tensor dBm = scratch(1, e.mq, kt.size(0), acc_opts);

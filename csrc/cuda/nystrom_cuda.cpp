@@ -77,14 +77,8 @@ k::RowsView view_of(const Tensor& t, const Tensor& index) {
 }
 
 k::MutRowsView mut_view_of(const Tensor& t, const Tensor& index) {
-  k::MutRowsView v;
-  v.data = t.data_ptr();
-  v.sb = t.stride(0);
-  v.sh = t.stride(1);
-  v.sr = t.stride(2);
-  v.index = index.defined() ? index.data_ptr<int>() : nullptr;
-  v.npad = static_cast<int>(t.size(2));
-  return v;
+  const k::RowsView r = view_of(t, index);
+  return k::MutRowsView{t.data_ptr(), r.sb, r.sh, r.sr, r.index, r.npad};
 }
 
 // NYSTROM_CUDA_TENSOR_CORES=0 turns the tensor-core forward kernels of
