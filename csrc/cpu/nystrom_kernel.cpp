@@ -16,6 +16,7 @@
 // product differently when it may use several threads.)
 #include "newton_schulz.h"
 #include "nystrom_common.h"
+#include "cpu/simd_attend.h"
 #include "cpu/simd_softmax.h"
 
 #include <ATen/ATen.h>
@@ -123,7 +124,7 @@ class Workspace {
   }
 
  private:
-  std::array<Tensor, 6> buf_;
+  std::array<Tensor, 8> buf_;
 };
 
 thread_local Workspace* tls_workspace = nullptr;
@@ -290,6 +291,36 @@ void exp_shifted(const Tensor& x, const Tensor& offset) {
   x.sub_(offset).exp_();
 }
 
+// The fused float32 tile kernels (simd_attend.h) serve a call when this CPU
+// has them and the landmarks fit their buffers.
+bool use_fused(at::ScalarType acc, int64_t ms) {
+  return acc == at::kFloat && simd::fused_width() > 0 && ms <= simd::kMaxLandmarksFused;
+}
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// x (B, H, r, c) -> (B, H, c, cp) with x's transpose in the first r columns
+// and zeros elsewhere (transpose) or (B, H, rp, cp) with x in the top-left
+// corner: the packed per-head operands of the fused kernels.
+Tensor pack_heads(const Tensor& x, int64_t rp, int64_t cp, bool transpose) {
+  const Tensor src = transpose ? x.transpose(-1, -2) : x;
+  Tensor out = at::zeros({x.size(0), x.size(1), rp, cp}, x.options());
+  out.narrow(2, 0, src.size(2)).narrow(3, 0, src.size(3)).copy_(src);
+  return out;
+}
+
+// rows(...) (gathered or converted into scratch slot `slot` if need be) with
+// unit column stride and at least `ld` floats per row readable: else copied,
+// zero-padded, into slot `pad_slot`.
+Tensor unit_rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, int slot, int pad_slot, int64_t ld) {
+  Tensor t = rows(x_bh, idx, r0, r1, at::kFloat, slot);
+  if (t.stride(1) == 1 && t.size(1) >= ld) return t;
+  Tensor padded = scratch(pad_slot, r1 - r0, ld, x_bh.options().dtype(at::kFloat));
+  padded.narrow(1, t.size(1), ld - t.size(1)).zero_();
+  padded.narrow(1, 0, t.size(1)).copy_(t);
+  return padded;
+}
+
 // Every worker runs outside the autograd layer and records nothing.
 struct TaskGuard {
   at::NoGradGuard no_grad;
@@ -415,9 +446,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   for (int64_t i = 0; i < static_cast<int64_t>(ktiles.size()); ++i)
     if (el[ktiles[i].b].kind == Kind::kNystrom) ktile_of.push_back(i);
   std::vector<Tensor> part_max(ktiles.size()), part_sum(ktiles.size()), part_pv(ktiles.size());
+  const bool fused = use_fused(acc, ms);
+  const int64_t mp = round_up(ms, simd::kPadColumns), dvp = round_up(Dv, simd::kPadColumns);
+  const Tensor qT_pack = fused ? pack_heads(q_lm_s, D, mp, /*transpose=*/true) : Tensor();
   run_tasks(static_cast<int64_t>(ktile_of.size()), tS * md * (Dd + Dvd), [&](int64_t i) {
     const Tile& t = ktiles[ktile_of[i]];
     const Element& e = el[t.b];
+    if (fused) {
+      const Tensor kt = unit_rows(k[t.b][t.h], e.kidx, t.r0, t.r1, 4, 6, D);
+      const Tensor vt = unit_rows(v[t.b][t.h], e.kidx, t.r0, t.r1, 5, 7, dvp);
+      const Tensor work = scratch(0, kt.size(0), mp, acc_opts);
+      Tensor stats = at::empty({2, mp}, acc_opts);
+      Tensor pv = at::empty({e.mq, Dv}, acc_opts);
+      simd::key_tile(kt.data_ptr<float>(), kt.stride(0), vt.data_ptr<float>(), vt.stride(0), kt.size(0), D, Dv,
+                     qT_pack[t.b][t.h].data_ptr<float>(), e.mq, mp, work.data_ptr<float>(),
+                     stats[0].data_ptr<float>(), stats[1].data_ptr<float>(), pv.data_ptr<float>(), Dv);
+      part_max[ktile_of[i]] = stats[0].narrow(0, 0, e.mq).unsqueeze(1);
+      part_sum[ktile_of[i]] = stats[1].narrow(0, 0, e.mq).unsqueeze(1);
+      part_pv[ktile_of[i]] = pv;
+      return;
+    }
     Tensor ql = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
     Tensor kt = rows(k[t.b][t.h], e.kidx, t.r0, t.r1, acc, 4);
     Tensor vt = rows(v[t.b][t.h], e.kidx, t.r0, t.r1, acc, 5);
@@ -463,9 +511,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   // Phase 4, tiles of queries: out = softmax(scale q k̃ᵀ)·zbv on the Nyström
   // path, softmax(scale q kᵀ)·v on the exact path (whole element: L_b, S_b <= m).
   const std::vector<Tile> qtiles = make_tiles(el, H, /*keys=*/false, /*exact_whole=*/true);
+  const Tensor kT_pack = fused ? pack_heads(k_lm_s, D, mp, /*transpose=*/true) : Tensor();
+  const Tensor w_pack = fused ? pack_heads(zbv, mp, dvp, /*transpose=*/false) : Tensor();
   run_tasks(static_cast<int64_t>(qtiles.size()), tL * md * (Dd + Dvd), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
+    if (fused && e.kind == Kind::kNystrom) {
+      const Tensor qt = unit_rows(q[t.b][t.h], e.qidx, t.r0, t.r1, 4, 6, D);
+      const int64_t n = qt.size(0);
+      const Tensor out_bh = out[t.b][t.h];
+      // straight into out and lse_q when the tile's rows are contiguous there
+      const bool direct = !e.qidx.defined() && out.scalar_type() == at::kFloat && out_bh.stride(1) == 1;
+      Tensor o = direct ? out_bh.narrow(0, t.r0, n) : scratch(2, n, Dv, acc_opts);
+      Tensor lse = e.qidx.defined() ? scratch(3, n, 1, acc_opts).view({n}) : lse_q[t.b][t.h].narrow(0, t.r0, n);
+      simd::attend_rows(qt.data_ptr<float>(), qt.stride(0), n, D, kT_pack[t.b][t.h].data_ptr<float>(), e.mk, mp,
+                        w_pack[t.b][t.h].data_ptr<float>(), dvp, Dv, o.data_ptr<float>(), o.stride(0),
+                        lse.data_ptr<float>());
+      if (!direct) put_rows(out_bh, e.qidx, t.r0, o);
+      if (e.qidx.defined()) put_rows(lse_q[t.b][t.h], e.qidx, t.r0, lse);
+      return;
+    }
     Tensor keys, values;
     if (e.kind == Kind::kNystrom) {
       keys = k_lm_s[t.b][t.h].narrow(0, 0, e.mk);

@@ -1,0 +1,6 @@
+// The fused tile kernels for AVX-512 (compiled with -mavx512f -mfma).
+#if defined(__AVX512F__) && defined(__FMA__)
+#define NYSTROM_SIMD_NS avx512
+#define NYSTROM_SIMD_WIDTH 16
+#include "cpu/simd_attend_impl.h"
+#endif

@@ -1,0 +1,237 @@
+// The fused tile kernels of simd_attend.h, written once with GCC/Clang vector
+// extensions and compiled once per instruction set: simd_attend_avx2.cpp
+// (8 floats per vector, -mavx2 -mfma) and simd_attend_avx512.cpp (16 floats,
+// -mavx512f -mfma). Each of those defines NYSTROM_SIMD_NS (the namespace of
+// its copy) and NYSTROM_SIMD_WIDTH before including this file; no torch
+// header is included, so no torch inline code is built for these ISAs.
+//
+// The products are register-blocked: a block of kMR rows of the left operand
+// times kNV vectors of columns of the right one accumulates in kMR x kNV
+// vector registers, each left element broadcast once per step of the inner
+// dimension. Operands are read where they lie (row pointers and strides); only
+// the small per-head matrices are packed, by the caller.
+#include "cpu/simd_attend.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if !defined(NYSTROM_SIMD_NS) || !defined(NYSTROM_SIMD_WIDTH)
+#error "define NYSTROM_SIMD_NS and NYSTROM_SIMD_WIDTH before including simd_attend_impl.h"
+#endif
+
+namespace nystrom::cpu::simd::NYSTROM_SIMD_NS {
+namespace {
+
+constexpr int kW = NYSTROM_SIMD_WIDTH;  // floats per vector
+typedef float V __attribute__((vector_size(kW * 4)));
+typedef int32_t VI __attribute__((vector_size(kW * 4)));
+
+// Rows per register block, and the most column vectors per block: 6 x 2 (AVX2,
+// 12 accumulators of 16) or 6 x 4 (AVX-512, 24 of 32).
+constexpr int kMR = 6;
+constexpr int kNV = kW == 8 ? 2 : 4;
+
+inline V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+inline V splat(float x) {
+  return x - V{};  // x - 0 is x for every x (also -0), so this folds to a broadcast
+}
+inline V select(VI mask, V a, V b) {  // mask ? a : b, lane by lane
+  return (V)(((VI)a & mask) | ((VI)b & ~mask));
+}
+inline V vmax(V a, V b) { return select(a > b, a, b); }
+
+// exp(x) lane by lane: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor
+// polynomial (truncation below 6e-8 relative), 2^n through the exponent bits;
+// 0 below -87.3 (e^x would be subnormal), so exp(-inf) = 0.
+inline V vexp(V x) {
+  const V lo = splat(-87.3f), hi = splat(88.7f);
+  const VI under = x < lo;
+  x = vmax(x, lo);
+  x = select(x > hi, hi, x);
+  // n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer, which then
+  // sits in the low mantissa bits.
+  const V magic = splat(12582912.0f);
+  const V t = x * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  V r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  V p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const VI e = (((VI)t - (VI)magic) + 127) << 23;
+  return select(under, splat(0.0f), p * (V)e);
+}
+
+inline float hmax(V v) {
+  float m = v[0];
+  for (int i = 1; i < kW; ++i) m = std::fmax(m, v[i]);
+  return m;
+}
+inline float hsum(V v) {
+  float s = 0.0f;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+}
+
+// c[r][0 .. n) (row r at c + r * ldc) = sum_k a[r][k * ak] * b[k * ldb + (0 .. n)]
+// for r < rows (<= kMR), n <= NV * kW: one register block of a product. b's
+// rows are readable up to NV * kW floats; a[r] for r >= rows must be readable
+// (their sums are dropped).
+template <int NV>
+inline void block(const float* const* a, int rows, int64_t ak, int64_t K, const float* b, int64_t ldb, float* c,
+                  int64_t ldc, int64_t n) {
+  V acc[kMR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[r][j] = splat(0.0f);
+  const float* ar[kMR];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) ar[r] = a[r];
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) bv[j] = load(b + j * kW);
+    const int64_t o = k * ak;
+    // one broadcast live at a time: 12 accumulators, 2 columns and 1
+    // broadcast fill AVX2's 16 registers
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const V x = splat(ar[r][o]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[r][j] += x * bv[j];
+    }
+    b += ldb;
+  }
+  if (n == NV * kW) {
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      if (r < rows) {
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) store(c + r * ldc + j * kW, acc[r][j]);
+      }
+    }
+  } else {
+    alignas(64) float tmp[NV * kW];
+    for (int r = 0; r < rows; ++r) {
+      for (int j = 0; j < NV; ++j) store(tmp + j * kW, acc[r][j]);
+      std::memcpy(c + r * ldc, tmp, n * sizeof(float));
+    }
+  }
+}
+
+// c[r][0 .. cols) for r < rows (<= kMR) = rows of a (as in block) times the
+// (K x cols) matrix b (row stride ldb, readable up to the next multiple of kW
+// columns); row r of c at c + r * ldc.
+inline void product(const float* const* a, int rows, int64_t ak, int64_t K, const float* b, int64_t ldb,
+                    int64_t cols, float* c, int64_t ldc) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kNV * kW) {
+    const int64_t n = cols - c0 < kNV * kW ? cols - c0 : kNV * kW;
+    switch ((n + kW - 1) / kW) {
+      case 1:
+        block<1>(a, rows, ak, K, b + c0, ldb, c + c0, ldc, n);
+        break;
+      case 2:
+        block<2>(a, rows, ak, K, b + c0, ldb, c + c0, ldc, n);
+        break;
+      case 3:
+        if constexpr (kNV >= 3) block<3>(a, rows, ak, K, b + c0, ldb, c + c0, ldc, n);
+        break;
+      default:
+        if constexpr (kNV >= 4) block<4>(a, rows, ak, K, b + c0, ldb, c + c0, ldc, n);
+        break;
+    }
+  }
+}
+
+// Pointers to rows r0 .. r0 + kMR of x (row stride ld); rows past `rows`
+// repeat row r0 (read, never written back).
+inline int row_block(const float* x, int64_t ld, int64_t r0, int64_t rows, const float* (&p)[kMR]) {
+  const int n = rows - r0 < kMR ? static_cast<int>(rows - r0) : kMR;
+  for (int r = 0; r < kMR; ++r) p[r] = x + (r0 + (r < n ? r : 0)) * ld;
+  return n;
+}
+
+}  // namespace
+
+void attend_rows(const float* q, int64_t ldq, int64_t rows, int64_t D, const float* kT, int64_t m, int64_t mp,
+                 const float* w, int64_t ldw, int64_t Dv, float* out, int64_t ldo, float* lse) {
+  alignas(64) float s[kMR][kMaxLandmarksFused];
+  for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+    const float* qr[kMR];
+    const int n = row_block(q, ldq, r0, rows, qr);
+    // logits of the block: (n x m) = q rows · kT
+    product(qr, kMR, 1, D, kT, mp, mp, &s[0][0], kMaxLandmarksFused);
+    const float* pr[kMR];
+    for (int r = 0; r < kMR; ++r) {
+      float* row = s[r];
+      pr[r] = s[r < n ? r : 0];
+      if (r >= n) continue;
+      // softmax over the m real columns; the padding columns get probability 0
+      V vm = splat(-INFINITY);
+      int64_t c = 0;
+      for (; c + kW <= m; c += kW) vm = vmax(vm, load(row + c));
+      float mx = hmax(vm);
+      for (; c < m; ++c) mx = std::fmax(mx, row[c]);
+      for (c = m; c < mp; ++c) row[c] = -INFINITY;
+      V vs = splat(0.0f);
+      const V vmx = splat(mx);
+      for (c = 0; c < mp; c += kW) {
+        const V e = vexp(load(row + c) - vmx);
+        store(row + c, e);
+        vs += e;
+      }
+      const float sum = hsum(vs);
+      const V inv = splat(1.0f / sum);
+      for (c = 0; c < mp; c += kW) store(row + c, load(row + c) * inv);
+      lse[r0 + r] = std::log(sum) + mx;
+    }
+    // out rows = p · w
+    product(pr, n, 1, mp, w, ldw, Dv, out + r0 * ldo, ldo);
+  }
+}
+
+void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t rows, int64_t D, int64_t Dv,
+              const float* qT, int64_t m, int64_t mp, float* work, float* col_max, float* col_sum, float* pv,
+              int64_t ldpv) {
+  // S = k rows · qT: (rows x mp) in work
+  for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+    const float* kr[kMR];
+    const int n = row_block(k, ldk, r0, rows, kr);
+    product(kr, n, 1, D, qT, mp, mp, work + r0 * mp, mp);
+  }
+  // column maxima over the tile, then P = exp(S - max) and the column sums
+  for (int64_t c = 0; c < mp; c += kW) store(col_max + c, splat(-INFINITY));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = work + r * mp;
+    for (int64_t c = 0; c < mp; c += kW) store(col_max + c, vmax(load(col_max + c), load(row + c)));
+  }
+  for (int64_t c = 0; c < mp; c += kW) store(col_sum + c, splat(0.0f));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = work + r * mp;
+    for (int64_t c = 0; c < mp; c += kW) {
+      const V e = vexp(load(row + c) - load(col_max + c));
+      store(row + c, e);
+      store(col_sum + c, load(col_sum + c) + e);
+    }
+  }
+  // pv (m x Dv) = Pᵀ · v: row j of Pᵀ is column j of work (stride mp)
+  for (int64_t j0 = 0; j0 < m; j0 += kMR) {
+    const float* pj[kMR];
+    const int n = row_block(work, 1, j0, m, pj);
+    product(pj, n, mp, rows, v, ldv, Dv, pv + j0 * ldpv, ldpv);
+  }
+}
+
+}  // namespace nystrom::cpu::simd::NYSTROM_SIMD_NS
