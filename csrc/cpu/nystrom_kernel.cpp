@@ -637,9 +637,53 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   for (const Tile& t : make_tiles(el, H, false, false))
     if (el[t.b].kind == Kind::kNystrom) qtiles.push_back(t);
   std::vector<Tensor> part_dkl(qtiles.size()), part_dw2(qtiles.size());
+  const bool fused = use_fused(acc, ms);
+  const int64_t mp = round_up(ms, simd::kPadColumns), dp = round_up(D, simd::kPadColumns),
+                dvp = round_up(Dv, simd::kPadColumns);
+  // The fused passes' packed per-head operands (simd_attend.h, backward_tile).
+  const Tensor k_lm_sT = fused ? pack_heads(k_lm_s, D, mp, /*transpose=*/true) : Tensor();
+  const Tensor zbvT = fused ? pack_heads(zbv, Dv, mp, /*transpose=*/true) : Tensor();
+  const Tensor k_lm_sP = fused ? pack_heads(k_lm_s, mp, dp, /*transpose=*/false) : Tensor();
   run_tasks(static_cast<int64_t>(qtiles.size()), tL * md * (2 * Dd + 3 * Dvd), [&](int64_t i) {
     const Tile& t = qtiles[i];
     const Element& e = el[t.b];
+    if (fused) {
+      const Tensor qt = unit_rows(q[t.b][t.h], e.qidx, t.r0, t.r1, 4, 6, dp);
+      const Tensor g = unit_rows(dO[t.b][t.h], e.qidx, t.r0, t.r1, 5, 7, dvp);
+      const Tensor lse = rows(lse_q[t.b][t.h].unsqueeze(1), e.qidx, t.r0, t.r1, acc).contiguous();
+      const int64_t n = qt.size(0);
+      const bool direct = !e.qidx.defined();
+      Tensor dqt = direct ? dq[t.b][t.h].narrow(0, t.r0, n) : scratch(2, n, D, acc_opts);
+      part_dkl[i] = at::empty({e.mk, D}, acc_opts);
+      part_dw2[i] = at::empty({e.mk, Dv}, acc_opts);
+      simd::BackwardTile bt;
+      bt.x = qt.data_ptr<float>();
+      bt.ldx = qt.stride(0);
+      bt.y = g.data_ptr<float>();
+      bt.ldy = g.stride(0);
+      bt.rows = n;
+      bt.D = D;
+      bt.Dv = Dv;
+      bt.m = e.mk;
+      bt.mp = mp;
+      bt.b1 = k_lm_sT[t.b][t.h].data_ptr<float>();
+      bt.b2 = zbvT[t.b][t.h].data_ptr<float>();
+      bt.row_offset = lse.data_ptr<float>();
+      bt.c1 = k_lm_sP[t.b][t.h].data_ptr<float>();
+      bt.ldc1 = dp;
+      bt.out1 = dqt.data_ptr<float>();
+      bt.ldo1 = dqt.stride(0);
+      bt.pbuf = scratch(0, n, mp, acc_opts).data_ptr<float>();
+      bt.xbuf = scratch(1, n, mp, acc_opts).data_ptr<float>();
+      bt.t1 = part_dkl[i].data_ptr<float>();
+      bt.ldt1 = D;
+      bt.t2 = part_dw2[i].data_ptr<float>();
+      bt.ldt2 = Dv;
+      simd::backward_tile(bt);
+      part_dkl[i].mul_(scale);
+      if (!direct) put_rows(dq[t.b][t.h], e.qidx, t.r0, dqt);
+      return;
+    }
     Tensor kl_s = k_lm_s[t.b][t.h].narrow(0, 0, e.mk);
     Tensor w2 = zbv[t.b][t.h].narrow(0, 0, e.mk);
     Tensor qt = rows(q[t.b][t.h], e.qidx, t.r0, t.r1, acc, 4);
@@ -745,10 +789,65 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   for (const Tile& t : make_tiles(el, H, true, false))
     if (el[t.b].kind == Kind::kNystrom) ktiles.push_back(t);
   std::vector<Tensor> part_dql(ktiles.size());
+  Tensor q_lm_sT, dbvT, q_lm_sP, dbvP, lse_lP, col_dotP;
+  if (fused) {
+    q_lm_sT = pack_heads(q_lm_s, D, mp, /*transpose=*/true);
+    q_lm_sP = pack_heads(q_lm_s, mp, dp, /*transpose=*/false);
+    // every head's dbv (zero off the Nyström path and past its landmarks)
+    Tensor dbv_all = at::zeros({B, H, ms, Dv}, acc_opts);
+    for (int64_t bh : heads) dbv_all[bh / H][bh % H].narrow(0, 0, dbv[bh].size(0)).copy_(dbv[bh]);
+    dbvT = pack_heads(dbv_all, Dv, mp, /*transpose=*/true);
+    dbvP = pack_heads(dbv_all, mp, dvp, /*transpose=*/false);
+    lse_lP = pack_heads(lse_l.unsqueeze(3), mp, 1, /*transpose=*/false).view({B, H, mp});
+    col_dotP = pack_heads((dbv_all * bv).sum(-1, /*keepdim=*/true), mp, 1, /*transpose=*/false).view({B, H, mp});
+  }
   run_tasks(static_cast<int64_t>(ktiles.size()), tS * md * (2 * Dd + 3 * Dvd), [&](int64_t i) {
     const Tile& t = ktiles[i];
     const int64_t bh = t.b * H + t.h;
     const Element& e = el[t.b];
+    if (fused) {
+      const Tensor kt = unit_rows(k[t.b][t.h], e.kidx, t.r0, t.r1, 4, 6, dp);
+      const Tensor vt = unit_rows(v[t.b][t.h], e.kidx, t.r0, t.r1, 5, 7, dvp);
+      const int64_t n = kt.size(0);
+      const bool direct = !e.kidx.defined();
+      Tensor dkt = direct ? dk[t.b][t.h].narrow(0, t.r0, n) : scratch(2, n, D, acc_opts);
+      Tensor dvt = direct ? dv[t.b][t.h].narrow(0, t.r0, n) : scratch(3, n, Dv, acc_opts);
+      part_dql[i] = at::empty({e.mq, D}, acc_opts);
+      simd::BackwardTile bt;
+      bt.x = kt.data_ptr<float>();
+      bt.ldx = kt.stride(0);
+      bt.y = vt.data_ptr<float>();
+      bt.ldy = vt.stride(0);
+      bt.rows = n;
+      bt.D = D;
+      bt.Dv = Dv;
+      bt.m = e.mq;
+      bt.mp = mp;
+      bt.b1 = q_lm_sT[t.b][t.h].data_ptr<float>();
+      bt.b2 = dbvT[t.b][t.h].data_ptr<float>();
+      bt.col_offset = lse_lP[t.b][t.h].data_ptr<float>();
+      bt.col_dot = col_dotP[t.b][t.h].data_ptr<float>();
+      bt.c1 = q_lm_sP[t.b][t.h].data_ptr<float>();
+      bt.ldc1 = dp;
+      bt.out1 = dkt.data_ptr<float>();
+      bt.ldo1 = dkt.stride(0);
+      bt.c2 = dbvP[t.b][t.h].data_ptr<float>();
+      bt.ldc2 = dvp;
+      bt.out2 = dvt.data_ptr<float>();
+      bt.ldo2 = dvt.stride(0);
+      bt.pbuf = scratch(0, n, mp, acc_opts).data_ptr<float>();
+      bt.xbuf = scratch(1, n, mp, acc_opts).data_ptr<float>();
+      bt.t1 = part_dql[i].data_ptr<float>();
+      bt.ldt1 = D;
+      simd::backward_tile(bt);
+      part_dql[i].mul_(scale);
+      if (!direct) {
+        put_rows(dk[t.b][t.h], e.kidx, t.r0, dkt);
+        put_rows(dv[t.b][t.h], e.kidx, t.r0, dvt);
+      }
+      add_segment_rows(dk[t.b][t.h], e.kidx, t.r0, t.r1, e.Sb, e.mk, dkl[bh]);
+      return;
+    }
     Tensor ql_s = q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
     Tensor bvh = bv[t.b][t.h].narrow(0, 0, e.mq);
     Tensor lse = lse_l[t.b][t.h].narrow(0, 0, e.mq).unsqueeze(1);

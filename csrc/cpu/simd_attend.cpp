@@ -46,4 +46,12 @@ void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t 
   std::abort();
 }
 
+void backward_tile(const BackwardTile& t) {
+#if defined(NYSTROM_X86_SIMD)
+  if (fused_width() == 16) return avx512::backward_tile(t);
+  if (fused_width() == 8) return avx2::backward_tile(t);
+#endif
+  std::abort();
+}
+
 }  // namespace nystrom::cpu::simd

@@ -1,12 +1,13 @@
-// Internal: fused float32 tile kernels of the CPU forward pass.
+// Internal: fused float32 tile kernels of the CPU forward and backward passes.
 //
-// The forward's long products (q·k̃ᵀ then F·W on query tiles, q̃·kᵀ then Bm·V
-// on key tiles) run as register-blocked loops with the softmax in between,
-// on the tile while it is in cache: no (tile x m) matrix goes through memory
-// on the query side, and neither side pays a BLAS call's packing and
-// set-up, which for these thin products (inner dimension D or m, 64 in the
-// common case) cost about as much as the arithmetic (measured with perf on
-// MKL: packing and scaling took 17% of the forward, its compute kernel 26%).
+// The long products run as register-blocked loops with the softmax (or its
+// derivative) in between, on a tile of rows while it is in cache: forward,
+// q·k̃ᵀ then F·W on query tiles and q̃·kᵀ then Bm·V on key tiles; backward,
+// the recomputed probabilities, dP, dS and the four products of each pass.
+// No (tile x m) matrix of the query side goes through memory, and no BLAS
+// call's packing and set-up is paid: for these thin products (inner
+// dimension D or m, 64 in the common case) perf measured MKL's packing and
+// scaling at 17% of the forward against 26% in its compute kernel.
 //
 // Built twice from simd_attend_impl.h, for AVX-512 and for AVX2/FMA, with no
 // torch headers; the best one this CPU runs is chosen at run time.
@@ -46,6 +47,45 @@ void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t 
               const float* qT, int64_t m, int64_t mp, float* work, float* col_max, float* col_sum, float* pv,
               int64_t ldpv);
 
+/// Backward of one tile of rows (the query pass and the key pass share it).
+/// For each row i (x_i: D floats at x + i * ldx, readable up to D rounded up
+/// to kPadColumns; y_i: Dv floats at y + i * ldy, likewise):
+///   P_i = exp(x_i · b1 - off) over mp columns, with off = row_offset[i] (query
+///   pass: the saved log-sum-exp) or col_offset[j] (key pass);
+///   G_i = y_i · b2; X_i = (G_i - d) * P_i with d = sum_j P_ij G_ij (row_offset
+///   given) or col_dot[j];
+///   out1_i (D floats) = X_i · c1; out2_i (Dv floats) = P_i · c2 when c2 is given;
+/// and over the tile t1 (m x D) = Xᵀ · x, t2 (m x Dv) = Pᵀ · y when t2 is given.
+/// b1: D x mp, b2: Dv x mp (zero past m), c1: mp x ldc1, c2: mp x ldc2 (rows >= m
+/// zero, ldc >= width rounded up to kPadColumns); pbuf and xbuf: rows x mp scratch.
+struct BackwardTile {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const float* y = nullptr;
+  int64_t ldy = 0;
+  int64_t rows = 0, D = 0, Dv = 0, m = 0, mp = 0;
+  const float* b1 = nullptr;
+  const float* b2 = nullptr;
+  const float* row_offset = nullptr;
+  const float* col_offset = nullptr;
+  const float* col_dot = nullptr;
+  const float* c1 = nullptr;
+  int64_t ldc1 = 0;
+  float* out1 = nullptr;
+  int64_t ldo1 = 0;
+  const float* c2 = nullptr;
+  int64_t ldc2 = 0;
+  float* out2 = nullptr;
+  int64_t ldo2 = 0;
+  float* pbuf = nullptr;
+  float* xbuf = nullptr;
+  float* t1 = nullptr;
+  int64_t ldt1 = 0;
+  float* t2 = nullptr;
+  int64_t ldt2 = 0;
+};
+void backward_tile(const BackwardTile& t);
+
 // One copy per instruction set (simd_attend_avx2.cpp, simd_attend_avx512.cpp).
 #define NYSTROM_DECLARE_SIMD_ATTEND(ns)                                                                             \
   namespace ns {                                                                                                    \
@@ -54,6 +94,7 @@ void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t 
   void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t rows, int64_t D, int64_t Dv,   \
                 const float* qT, int64_t m, int64_t mp, float* work, float* col_max, float* col_sum, float* pv,   \
                 int64_t ldpv);                                                                                    \
+  void backward_tile(const BackwardTile& t);                                                                        \
   }
 NYSTROM_DECLARE_SIMD_ATTEND(avx2)
 NYSTROM_DECLARE_SIMD_ATTEND(avx512)

@@ -234,4 +234,65 @@ void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t 
   }
 }
 
+void backward_tile(const BackwardTile& t) {
+  const int64_t mp = t.mp, m = t.m;
+  alignas(64) float g[kMR][kMaxLandmarksFused];
+  for (int64_t r0 = 0; r0 < t.rows; r0 += kMR) {
+    const float* xr[kMR];
+    const float* yr[kMR];
+    const int n = row_block(t.x, t.ldx, r0, t.rows, xr);
+    row_block(t.y, t.ldy, r0, t.rows, yr);
+    float* p = t.pbuf + r0 * mp;
+    float* xb = t.xbuf + r0 * mp;
+    // P = exp(x · b1 - offset), straight into the tile's P buffer; G = y · b2
+    product(xr, n, 1, t.D, t.b1, mp, mp, p, mp);
+    product(yr, n, 1, t.Dv, t.b2, mp, mp, &g[0][0], kMaxLandmarksFused);
+    const float* pr[kMR];
+    for (int r = 0; r < kMR; ++r) pr[r] = xb + (r < n ? r : 0) * mp;
+    for (int r = 0; r < n; ++r) {
+      float* prow = p + r * mp;
+      const float* grow = g[r];
+      float* xrow = xb + r * mp;
+      V dot = splat(0.0f);
+      if (t.row_offset != nullptr) {
+        const V off = splat(t.row_offset[r0 + r]);
+        for (int64_t c = 0; c < mp; c += kW) {
+          const V e = vexp(load(prow + c) - off);
+          store(prow + c, e);
+          dot += e * load(grow + c);
+        }
+      } else {
+        for (int64_t c = 0; c < mp; c += kW) store(prow + c, vexp(load(prow + c) - load(t.col_offset + c)));
+      }
+      // Padding columns (j >= m) need no zeroing: G is 0 there (b2's padding
+      // columns are zero), and c1's and c2's padding rows are zero.
+      if (t.row_offset != nullptr) {
+        const V d = splat(hsum(dot));
+        for (int64_t c = 0; c < mp; c += kW) store(xrow + c, (load(grow + c) - d) * load(prow + c));
+      } else {
+        for (int64_t c = 0; c < mp; c += kW)
+          store(xrow + c, (load(grow + c) - load(t.col_dot + c)) * load(prow + c));
+      }
+    }
+    // out1 rows = X · c1; out2 rows = P · c2
+    product(pr, n, 1, mp, t.c1, t.ldc1, t.D, t.out1 + r0 * t.ldo1, t.ldo1);
+    if (t.c2 != nullptr) {
+      const float* ppr[kMR];
+      for (int r = 0; r < kMR; ++r) ppr[r] = p + (r < n ? r : 0) * mp;
+      product(ppr, n, 1, mp, t.c2, t.ldc2, t.Dv, t.out2 + r0 * t.ldo2, t.ldo2);
+    }
+  }
+  // t1 (m x D) = Xᵀ · x and t2 (m x Dv) = Pᵀ · y over the whole tile
+  for (int64_t j0 = 0; j0 < m; j0 += kMR) {
+    const float* xj[kMR];
+    const int n = row_block(t.xbuf, 1, j0, m, xj);
+    product(xj, n, mp, t.rows, t.x, t.ldx, t.D, t.t1 + j0 * t.ldt1, t.ldt1);
+    if (t.t2 != nullptr) {
+      const float* pj[kMR];
+      row_block(t.pbuf, 1, j0, m, pj);
+      product(pj, n, mp, t.rows, t.y, t.ldy, t.Dv, t.t2 + j0 * t.ldt2, t.ldt2);
+    }
+  }
+}
+
 }  // namespace nystrom::cpu::simd::NYSTROM_SIMD_NS
