@@ -309,6 +309,14 @@ Tensor pack_heads(const Tensor& x, int64_t rp, int64_t cp, bool transpose) {
   return out;
 }
 
+// x (r x c, r, c <= n) zero-padded to n x n, in scratch slot `slot`.
+Tensor padded_square(const Tensor& x, int64_t n, int slot) {
+  Tensor out = scratch(slot, n, n, x.options());
+  out.zero_();
+  out.narrow(0, 0, x.size(0)).narrow(1, 0, x.size(1)).copy_(x);
+  return out;
+}
+
 // rows(...) (gathered or converted into scratch slot `slot` if need be) with
 // unit column stride and at least `ld` floats per row readable: else copied,
 // zero-padded, into slot `pad_slot`.
@@ -503,7 +511,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
   part_max.clear();
   part_sum.clear();
   part_pv.clear();
-  if (!heads.empty()) {
+  if (fused) {
+    // one head per task, its matrices in scratch (a few dozen KiB at m = 64)
+    run_tasks(static_cast<int64_t>(heads.size()), 4.0 * o.pinv_iterations * mp * mp * mp, [&](int64_t i) {
+      const int64_t bh = heads[i], b = bh / H, h = bh % H;
+      const Tensor Ap = padded_square(A_all[b][h], mp, 0);
+      Tensor Z = scratch(1, mp, mp, acc_opts);
+      simd::newton_schulz(Ap.data_ptr<float>(), static_cast<float>(c[bh]), o.pinv_iterations, mp, Z.data_ptr<float>(),
+                          /*keep_all=*/false, scratch(2, 4 * mp, mp, acc_opts).data_ptr<float>());
+      Tensor zbv_h = zbv[b][h];
+      at::mm_out(zbv_h, Z.narrow(0, 0, ms).narrow(1, 0, ms), bv[b][h]);
+    });
+  } else if (!heads.empty()) {
     const Tensor c_t = pinv_scales(c, heads, B, H, acc);
     at::matmul_out(zbv, detail::newton_schulz_last(A_all, c_t, o.pinv_iterations), bv);
   }
@@ -735,7 +754,33 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     dkl[bh] = dkl_h;
     dql[bh] = at::zeros({e.mq, D}, acc_opts);
   });
-  {
+  if (fused) {
+    // Back through zbv = Z_T·bv and every Newton–Schulz iteration, a head per task.
+    const int64_t n = round_up(ms, simd::kPadColumns), T = o.pinv_iterations;
+    Tensor dbv_all = at::empty({B, H, ms, Dv}, acc_opts), dA_all = at::empty({B, H, ms, ms}, acc_opts);
+    run_tasks(static_cast<int64_t>(heads.size()), 16.0 * T * n * n * n, [&](int64_t i) {
+      const int64_t bh = heads[i], b = bh / H, h = bh % H;
+      const Element& e = el[b];
+      const Tensor Ap = padded_square(A_all[b][h], n, 0);
+      Tensor Z = scratch(1, (T + 1) * n, n, acc_opts);
+      Tensor work = scratch(2, 10 * n, n, acc_opts);
+      simd::newton_schulz(Ap.data_ptr<float>(), static_cast<float>(c[bh]), T, n, Z.data_ptr<float>(),
+                          /*keep_all=*/true, work.data_ptr<float>());
+      const Tensor ZT = Z.narrow(0, T * n, n).narrow(0, 0, ms).narrow(1, 0, ms);
+      Tensor dbv_h = dbv_all[b][h];
+      at::mm_out(dbv_h, ZT.t(), dw2_all[b][h]);
+      Tensor dZ = scratch(3, n, n, acc_opts);
+      dZ.zero_();
+      Tensor dZ_top = dZ.narrow(0, 0, ms).narrow(1, 0, ms);
+      at::mm_out(dZ_top, dw2_all[b][h], bv[b][h].t());
+      Tensor dAp = scratch(4, n, n, acc_opts);
+      dc[bh] = simd::newton_schulz_backward(Ap.data_ptr<float>(), static_cast<float>(c[bh]), Z.data_ptr<float>(), T,
+                                            n, dZ.data_ptr<float>(), dAp.data_ptr<float>(), work.data_ptr<float>());
+      dA_all[b][h].copy_(dAp.narrow(0, 0, ms).narrow(1, 0, ms));
+      dbv[bh] = dbv_all[b][h].narrow(0, 0, e.mq);
+      dA[bh] = dA_all[b][h].narrow(0, 0, e.mq).narrow(1, 0, e.mk);
+    });
+  } else {
     // Back through zbv = Z_T·bv and every Newton–Schulz iteration, all heads at once.
     const Tensor c_t = pinv_scales(c, heads, B, H, acc);
     const std::vector<Tensor> Z = detail::newton_schulz_iterates(A_all, c_t, o.pinv_iterations);

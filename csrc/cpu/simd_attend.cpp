@@ -54,4 +54,21 @@ void backward_tile(const BackwardTile& t) {
   std::abort();
 }
 
+void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float* Z, bool keep_all, float* work) {
+#if defined(NYSTROM_X86_SIMD)
+  if (fused_width() == 16) return avx512::newton_schulz(A, c, iterations, n, Z, keep_all, work);
+  if (fused_width() == 8) return avx2::newton_schulz(A, c, iterations, n, Z, keep_all, work);
+#endif
+  std::abort();
+}
+
+double newton_schulz_backward(const float* A, float c, const float* Z, int64_t iterations, int64_t n, float* dZ,
+                              float* dA, float* work) {
+#if defined(NYSTROM_X86_SIMD)
+  if (fused_width() == 16) return avx512::newton_schulz_backward(A, c, Z, iterations, n, dZ, dA, work);
+  if (fused_width() == 8) return avx2::newton_schulz_backward(A, c, Z, iterations, n, dZ, dA, work);
+#endif
+  std::abort();
+}
+
 }  // namespace nystrom::cpu::simd

@@ -86,6 +86,16 @@ struct BackwardTile {
 };
 void backward_tile(const BackwardTile& t);
 
+/// The Newton–Schulz pseudoinverse of one head (DESIGN.md step 4) on an n x n
+/// row-major A, n a multiple of kPadColumns, zero-padded: Z_0 = Aᵀ / c, then
+/// `iterations` times Z <- 1/4 Z (13I - AZ(15I - AZ(7I - AZ))). Writes Z_0 ..
+/// Z_T (iterations + 1 matrices) to Z when keep_all, else Z_T only. work: 4 n*n floats.
+void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float* Z, bool keep_all, float* work);
+/// Its exact derivative: given the iterates Z_0 .. Z_T and dZ = dL/dZ_T
+/// (overwritten), writes dL/dA to dA and returns dL/dc. work: 10 n*n floats.
+double newton_schulz_backward(const float* A, float c, const float* Z, int64_t iterations, int64_t n, float* dZ,
+                              float* dA, float* work);
+
 // One copy per instruction set (simd_attend_avx2.cpp, simd_attend_avx512.cpp).
 #define NYSTROM_DECLARE_SIMD_ATTEND(ns)                                                                             \
   namespace ns {                                                                                                    \
@@ -95,6 +105,9 @@ void backward_tile(const BackwardTile& t);
                 const float* qT, int64_t m, int64_t mp, float* work, float* col_max, float* col_sum, float* pv,   \
                 int64_t ldpv);                                                                                    \
   void backward_tile(const BackwardTile& t);                                                                        \
+  void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float* Z, bool keep_all, float* work); \
+  double newton_schulz_backward(const float* A, float c, const float* Z, int64_t iterations, int64_t n, float* dZ, \
+                                float* dA, float* work);                                                            \
   }
 NYSTROM_DECLARE_SIMD_ATTEND(avx2)
 NYSTROM_DECLARE_SIMD_ATTEND(avx512)

@@ -163,6 +163,36 @@ inline int row_block(const float* x, int64_t ld, int64_t r0, int64_t rows, const
   return n;
 }
 
+// c = op(a) · op(b) for n x n row-major matrices (n a multiple of kW);
+// op(x) = xᵀ when the flag is set. A transposed right operand is copied into
+// tbuf (n x n) first; a transposed left one is read down its columns.
+inline void square_product(const float* a, bool ta, const float* b, bool tb, float* c, int64_t n, float* tbuf) {
+  if (tb) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) tbuf[j * n + i] = b[i * n + j];
+    b = tbuf;
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += kMR) {
+    const float* pr[kMR];
+    const int rows = ta ? row_block(a, 1, r0, n, pr) : row_block(a, n, r0, n, pr);
+    product(pr, rows, ta ? n : 1, n, b, n, n, c + r0 * n, n);
+  }
+}
+
+// t = k I - x (n x n)
+inline void identity_minus(float k, const float* x, float* t, int64_t n) {
+  for (int64_t i = 0; i < n * n; ++i) t[i] = -x[i];
+  for (int64_t i = 0; i < n; ++i) t[i * n + i] += k;
+}
+
+// x *= s; y += s * x (n x n)
+inline void scale(float s, float* x, int64_t n) {
+  for (int64_t i = 0; i < n * n; ++i) x[i] *= s;
+}
+inline void add_scaled(float s, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n * n; ++i) y[i] += s * x[i];
+}
+
 }  // namespace
 
 void attend_rows(const float* q, int64_t ldq, int64_t rows, int64_t D, const float* kT, int64_t m, int64_t mp,
@@ -293,6 +323,85 @@ void backward_tile(const BackwardTile& t) {
       product(pj, n, mp, t.rows, t.y, t.ldy, t.Dv, t.t2 + j0 * t.ldt2, t.ldt2);
     }
   }
+}
+
+void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float* Z, bool keep_all, float* work) {
+  const int64_t nn = n * n;
+  float* X = work;
+  float* T = work + nn;
+  float* Y = work + 2 * nn;
+  float* spare = work + 3 * nn;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) Z[i * n + j] = A[j * n + i] / c;
+  float* cur = Z;
+  for (int64_t t = 0; t < iterations; ++t) {
+    float* next = keep_all ? Z + (t + 1) * nn : (cur == Z ? spare : Z);
+    // next = 1/4 cur (13I - X(15I - X(7I - X))), X = A cur
+    square_product(A, false, cur, false, X, n, nullptr);
+    identity_minus(7.0f, X, T, n);
+    square_product(X, false, T, false, Y, n, nullptr);
+    identity_minus(15.0f, Y, T, n);
+    square_product(X, false, T, false, Y, n, nullptr);
+    identity_minus(13.0f, Y, T, n);
+    square_product(cur, false, T, false, next, n, nullptr);
+    scale(0.25f, next, n);
+    cur = next;
+  }
+  if (!keep_all && cur != Z) std::memcpy(Z, cur, nn * sizeof(float));
+}
+
+double newton_schulz_backward(const float* A, float c, const float* Z, int64_t iterations, int64_t n, float* dZ,
+                              float* dA, float* work) {
+  const int64_t nn = n * n;
+  float* X = work;
+  float* Y1 = work + nn;
+  float* Y2 = work + 2 * nn;
+  float* Y3 = work + 3 * nn;
+  float* dY1 = work + 4 * nn;
+  float* dY2 = work + 5 * nn;
+  float* dX = work + 6 * nn;
+  float* tmp = work + 7 * nn;
+  float* dZt = work + 8 * nn;
+  float* tb = work + 9 * nn;
+  std::memset(dA, 0, nn * sizeof(float));
+  for (int64_t t = iterations - 1; t >= 0; --t) {
+    const float* Zt = Z + t * nn;
+    // the iteration's intermediates: X = A Zt, Y3 = 7I - X, Y2 = 15I - X Y3, Y1 = 13I - X Y2
+    square_product(A, false, Zt, false, X, n, nullptr);
+    identity_minus(7.0f, X, Y3, n);
+    square_product(X, false, Y3, false, tmp, n, nullptr);
+    identity_minus(15.0f, tmp, Y2, n);
+    square_product(X, false, Y2, false, tmp, n, nullptr);
+    identity_minus(13.0f, tmp, Y1, n);
+    // Z_{t+1} = 1/4 Zt Y1
+    square_product(Zt, true, dZ, false, dY1, n, nullptr);
+    scale(0.25f, dY1, n);
+    square_product(dZ, false, Y1, true, dZt, n, tb);
+    scale(0.25f, dZt, n);
+    // back through Y1, Y2, Y3 to X
+    square_product(dY1, false, Y2, true, dX, n, tb);
+    scale(-1.0f, dX, n);
+    square_product(X, true, dY1, false, dY2, n, nullptr);
+    scale(-1.0f, dY2, n);
+    square_product(dY2, false, Y3, true, tmp, n, tb);
+    add_scaled(-1.0f, tmp, dX, n);
+    square_product(X, true, dY2, false, tmp, n, nullptr);
+    add_scaled(1.0f, tmp, dX, n);
+    // X = A Zt
+    square_product(dX, false, Zt, true, tmp, n, tb);
+    add_scaled(1.0f, tmp, dA, n);
+    square_product(A, true, dX, false, tmp, n, nullptr);
+    add_scaled(1.0f, tmp, dZt, n);
+    std::memcpy(dZ, dZt, nn * sizeof(float));
+  }
+  // Z_0 = Aᵀ / c
+  double dot = 0.0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      dA[j * n + i] += dZ[i * n + j] / c;
+      dot += static_cast<double>(dZ[i * n + j]) * Z[i * n + j];
+    }
+  return -dot / c;
 }
 
 }  // namespace nystrom::cpu::simd::NYSTROM_SIMD_NS
