@@ -329,6 +329,36 @@ Tensor unit_rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, 
   return padded;
 }
 
+// What both backward passes give backward_tile: the tile's x rows (q or k, D
+// wide) and y rows (dO or v, Dv wide), m of mp landmark columns, one head's
+// packed b1, b2 and c1, the rows of out1, the P and X buffers (scratch slots
+// 0 and 1) and t1. Each pass adds its own offsets and outputs.
+simd::BackwardTile backward_tile_of(const Tensor& x, const Tensor& y, int64_t D, int64_t Dv, int64_t m, int64_t mp,
+                                    const Tensor& b1, const Tensor& b2, const Tensor& c1, const Tensor& out1,
+                                    const Tensor& t1) {
+  simd::BackwardTile bt;
+  bt.x = x.data_ptr<float>();
+  bt.ldx = x.stride(0);
+  bt.y = y.data_ptr<float>();
+  bt.ldy = y.stride(0);
+  bt.rows = x.size(0);
+  bt.D = D;
+  bt.Dv = Dv;
+  bt.m = m;
+  bt.mp = mp;
+  bt.b1 = b1.data_ptr<float>();
+  bt.b2 = b2.data_ptr<float>();
+  bt.c1 = c1.data_ptr<float>();
+  bt.ldc1 = c1.stride(0);
+  bt.out1 = out1.data_ptr<float>();
+  bt.ldo1 = out1.stride(0);
+  bt.pbuf = scratch(0, x.size(0), mp, x.options()).data_ptr<float>();
+  bt.xbuf = scratch(1, x.size(0), mp, x.options()).data_ptr<float>();
+  bt.t1 = t1.data_ptr<float>();
+  bt.ldt1 = t1.stride(0);
+  return bt;
+}
+
 // Every worker runs outside the autograd layer and records nothing.
 struct TaskGuard {
   at::NoGradGuard no_grad;
@@ -518,7 +548,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
       const Tensor Ap = padded_square(A_all[b][h], mp, 0);
       Tensor Z = scratch(1, mp, mp, acc_opts);
       simd::newton_schulz(Ap.data_ptr<float>(), static_cast<float>(c[bh]), o.pinv_iterations, mp, Z.data_ptr<float>(),
-                          /*keep_all=*/false, scratch(2, 4 * mp, mp, acc_opts).data_ptr<float>());
+                          /*keep_all=*/false, scratch(2, 6 * mp, mp, acc_opts).data_ptr<float>());
       Tensor zbv_h = zbv[b][h];
       at::mm_out(zbv_h, Z.narrow(0, 0, ms).narrow(1, 0, ms), bv[b][h]);
     });
@@ -675,27 +705,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
       Tensor dqt = direct ? dq[t.b][t.h].narrow(0, t.r0, n) : scratch(2, n, D, acc_opts);
       part_dkl[i] = at::empty({e.mk, D}, acc_opts);
       part_dw2[i] = at::empty({e.mk, Dv}, acc_opts);
-      simd::BackwardTile bt;
-      bt.x = qt.data_ptr<float>();
-      bt.ldx = qt.stride(0);
-      bt.y = g.data_ptr<float>();
-      bt.ldy = g.stride(0);
-      bt.rows = n;
-      bt.D = D;
-      bt.Dv = Dv;
-      bt.m = e.mk;
-      bt.mp = mp;
-      bt.b1 = k_lm_sT[t.b][t.h].data_ptr<float>();
-      bt.b2 = zbvT[t.b][t.h].data_ptr<float>();
+      simd::BackwardTile bt = backward_tile_of(qt, g, D, Dv, e.mk, mp, k_lm_sT[t.b][t.h], zbvT[t.b][t.h],
+                                               k_lm_sP[t.b][t.h], dqt, part_dkl[i]);
       bt.row_offset = lse.data_ptr<float>();
-      bt.c1 = k_lm_sP[t.b][t.h].data_ptr<float>();
-      bt.ldc1 = dp;
-      bt.out1 = dqt.data_ptr<float>();
-      bt.ldo1 = dqt.stride(0);
-      bt.pbuf = scratch(0, n, mp, acc_opts).data_ptr<float>();
-      bt.xbuf = scratch(1, n, mp, acc_opts).data_ptr<float>();
-      bt.t1 = part_dkl[i].data_ptr<float>();
-      bt.ldt1 = D;
       bt.t2 = part_dw2[i].data_ptr<float>();
       bt.ldt2 = Dv;
       simd::backward_tile(bt);
@@ -858,32 +870,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
       Tensor dkt = direct ? dk[t.b][t.h].narrow(0, t.r0, n) : scratch(2, n, D, acc_opts);
       Tensor dvt = direct ? dv[t.b][t.h].narrow(0, t.r0, n) : scratch(3, n, Dv, acc_opts);
       part_dql[i] = at::empty({e.mq, D}, acc_opts);
-      simd::BackwardTile bt;
-      bt.x = kt.data_ptr<float>();
-      bt.ldx = kt.stride(0);
-      bt.y = vt.data_ptr<float>();
-      bt.ldy = vt.stride(0);
-      bt.rows = n;
-      bt.D = D;
-      bt.Dv = Dv;
-      bt.m = e.mq;
-      bt.mp = mp;
-      bt.b1 = q_lm_sT[t.b][t.h].data_ptr<float>();
-      bt.b2 = dbvT[t.b][t.h].data_ptr<float>();
+      simd::BackwardTile bt = backward_tile_of(kt, vt, D, Dv, e.mq, mp, q_lm_sT[t.b][t.h], dbvT[t.b][t.h],
+                                               q_lm_sP[t.b][t.h], dkt, part_dql[i]);
       bt.col_offset = lse_lP[t.b][t.h].data_ptr<float>();
       bt.col_dot = col_dotP[t.b][t.h].data_ptr<float>();
-      bt.c1 = q_lm_sP[t.b][t.h].data_ptr<float>();
-      bt.ldc1 = dp;
-      bt.out1 = dkt.data_ptr<float>();
-      bt.ldo1 = dkt.stride(0);
       bt.c2 = dbvP[t.b][t.h].data_ptr<float>();
       bt.ldc2 = dvp;
       bt.out2 = dvt.data_ptr<float>();
       bt.ldo2 = dvt.stride(0);
-      bt.pbuf = scratch(0, n, mp, acc_opts).data_ptr<float>();
-      bt.xbuf = scratch(1, n, mp, acc_opts).data_ptr<float>();
-      bt.t1 = part_dql[i].data_ptr<float>();
-      bt.ldt1 = D;
       simd::backward_tile(bt);
       part_dql[i].mul_(scale);
       if (!direct) {

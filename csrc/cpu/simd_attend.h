@@ -89,7 +89,7 @@ void backward_tile(const BackwardTile& t);
 /// The Newton–Schulz pseudoinverse of one head (DESIGN.md step 4) on an n x n
 /// row-major A, n a multiple of kPadColumns, zero-padded: Z_0 = Aᵀ / c, then
 /// `iterations` times Z <- 1/4 Z (13I - AZ(15I - AZ(7I - AZ))). Writes Z_0 ..
-/// Z_T (iterations + 1 matrices) to Z when keep_all, else Z_T only. work: 4 n*n floats.
+/// Z_T (iterations + 1 matrices) to Z when keep_all, else Z_T only. work: 6 n*n floats.
 void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float* Z, bool keep_all, float* work);
 /// Its exact derivative: given the iterates Z_0 .. Z_T and dZ = dL/dZ_T
 /// (overwritten), writes dL/dA to dA and returns dL/dc. work: 10 n*n floats.

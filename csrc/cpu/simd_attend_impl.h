@@ -193,6 +193,18 @@ inline void add_scaled(float s, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n * n; ++i) y[i] += s * x[i];
 }
 
+// One Newton–Schulz iteration's terms: X = A Z, Y3 = 7I - X,
+// Y2 = 15I - X Y3, Y1 = 13I - X Y2 (n x n each; tmp is scratch).
+inline void iteration_terms(const float* A, const float* Z, int64_t n, float* X, float* Y3, float* Y2, float* Y1,
+                            float* tmp) {
+  square_product(A, false, Z, false, X, n, nullptr);
+  identity_minus(7.0f, X, Y3, n);
+  square_product(X, false, Y3, false, tmp, n, nullptr);
+  identity_minus(15.0f, tmp, Y2, n);
+  square_product(X, false, Y2, false, tmp, n, nullptr);
+  identity_minus(13.0f, tmp, Y1, n);
+}
+
 }  // namespace
 
 void attend_rows(const float* q, int64_t ldq, int64_t rows, int64_t D, const float* kT, int64_t m, int64_t mp,
@@ -328,22 +340,18 @@ void backward_tile(const BackwardTile& t) {
 void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float* Z, bool keep_all, float* work) {
   const int64_t nn = n * n;
   float* X = work;
-  float* T = work + nn;
-  float* Y = work + 2 * nn;
-  float* spare = work + 3 * nn;
+  float* Y3 = work + nn;
+  float* Y2 = work + 2 * nn;
+  float* Y1 = work + 3 * nn;
+  float* tmp = work + 4 * nn;
+  float* spare = work + 5 * nn;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) Z[i * n + j] = A[j * n + i] / c;
   float* cur = Z;
   for (int64_t t = 0; t < iterations; ++t) {
     float* next = keep_all ? Z + (t + 1) * nn : (cur == Z ? spare : Z);
-    // next = 1/4 cur (13I - X(15I - X(7I - X))), X = A cur
-    square_product(A, false, cur, false, X, n, nullptr);
-    identity_minus(7.0f, X, T, n);
-    square_product(X, false, T, false, Y, n, nullptr);
-    identity_minus(15.0f, Y, T, n);
-    square_product(X, false, T, false, Y, n, nullptr);
-    identity_minus(13.0f, Y, T, n);
-    square_product(cur, false, T, false, next, n, nullptr);
+    iteration_terms(A, cur, n, X, Y3, Y2, Y1, tmp);
+    square_product(cur, false, Y1, false, next, n, nullptr);  // 1/4 cur Y1
     scale(0.25f, next, n);
     cur = next;
   }
@@ -366,13 +374,7 @@ double newton_schulz_backward(const float* A, float c, const float* Z, int64_t i
   std::memset(dA, 0, nn * sizeof(float));
   for (int64_t t = iterations - 1; t >= 0; --t) {
     const float* Zt = Z + t * nn;
-    // the iteration's intermediates: X = A Zt, Y3 = 7I - X, Y2 = 15I - X Y3, Y1 = 13I - X Y2
-    square_product(A, false, Zt, false, X, n, nullptr);
-    identity_minus(7.0f, X, Y3, n);
-    square_product(X, false, Y3, false, tmp, n, nullptr);
-    identity_minus(15.0f, tmp, Y2, n);
-    square_product(X, false, Y2, false, tmp, n, nullptr);
-    identity_minus(13.0f, tmp, Y1, n);
+    iteration_terms(A, Zt, n, X, Y3, Y2, Y1, tmp);
     // Z_{t+1} = 1/4 Zt Y1
     square_product(Zt, true, dZ, false, dY1, n, nullptr);
     scale(0.25f, dY1, n);
