@@ -766,10 +766,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     dkl[bh] = dkl_h;
     dql[bh] = at::zeros({e.mq, D}, acc_opts);
   });
+  // Every head's dbv in one zero-padded stack (zero off the Nyström path and
+  // past a head's landmarks): pass 3's fused kernels pack it.
+  Tensor dbv_all;
   if (fused) {
     // Back through zbv = Z_T·bv and every Newton–Schulz iteration, a head per task.
-    const int64_t n = round_up(ms, simd::kPadColumns), T = o.pinv_iterations;
-    Tensor dbv_all = at::empty({B, H, ms, Dv}, acc_opts), dA_all = at::empty({B, H, ms, ms}, acc_opts);
+    const int64_t n = mp, T = o.pinv_iterations;
+    dbv_all = at::zeros({B, H, ms, Dv}, acc_opts);
+    Tensor dA_all = at::empty({B, H, ms, ms}, acc_opts);
     run_tasks(static_cast<int64_t>(heads.size()), 16.0 * T * n * n * n, [&](int64_t i) {
       const int64_t bh = heads[i], b = bh / H, h = bh % H;
       const Element& e = el[b];
@@ -796,7 +800,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
     // Back through zbv = Z_T·bv and every Newton–Schulz iteration, all heads at once.
     const Tensor c_t = pinv_scales(c, heads, B, H, acc);
     const std::vector<Tensor> Z = detail::newton_schulz_iterates(A_all, c_t, o.pinv_iterations);
-    const Tensor dbv_all = at::matmul(Z.back().transpose(-1, -2), dw2_all);
+    dbv_all = at::matmul(Z.back().transpose(-1, -2), dw2_all);
     auto [dA_all, dc_all] = detail::newton_schulz_backward(A_all, c_t, Z, at::matmul(dw2_all, bv.transpose(-1, -2)));
     const Tensor dc_d = dc_all.to(at::kDouble).contiguous();
     const double* dcp = dc_d.data_ptr<double>();
@@ -850,9 +854,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out_in,
   if (fused) {
     q_lm_sT = pack_heads(q_lm_s, D, mp, /*transpose=*/true);
     q_lm_sP = pack_heads(q_lm_s, mp, dp, /*transpose=*/false);
-    // every head's dbv (zero off the Nyström path and past its landmarks)
-    Tensor dbv_all = at::zeros({B, H, ms, Dv}, acc_opts);
-    for (int64_t bh : heads) dbv_all[bh / H][bh % H].narrow(0, 0, dbv[bh].size(0)).copy_(dbv[bh]);
     dbvT = pack_heads(dbv_all, Dv, mp, /*transpose=*/true);
     dbvP = pack_heads(dbv_all, mp, dvp, /*transpose=*/false);
     lse_lP = pack_heads(lse_l.unsqueeze(3), mp, 1, /*transpose=*/false).view({B, H, mp});
