@@ -233,18 +233,25 @@ def fmt(x, spec):
     return format(x, spec)
 
 
+def ratios(r, by, mem="fwd_mib"):
+    """Peer / torch_nystrom for a record r: forward time, forward+backward time, memory (field `mem`);
+    None for this op itself or where a value is missing. Below 1 MiB the memory measure is noise: both
+    sides count as at least 1 MiB."""
+    o = by.get(("torch_nystrom", r["n"]))
+    if not o or r["impl"] == "torch_nystrom":
+        return None, None, None
+    rm = None
+    if r[mem] is not None and o[mem] is not None:
+        rm = max(r[mem], 1.0) / max(o[mem], 1.0)
+    return r["fwd_ms"] / o["fwd_ms"], r["fwd_bwd_ms"] / o["fwd_bwd_ms"], rm
+
+
 def report(records, args, machine):
     by = {(r["impl"], r["n"]): r for r in records}
     print(f"\n{'n':>6} {'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'fwd MiB':>9}{'f+b MiB':>9}{'err exact':>10}{'err ref64':>10}"
           f"{'fwd x':>7}{'f+b x':>7}{'mem x':>7}")
     for r in records:
-        o = by.get(("torch_nystrom", r["n"]))
-        rt = rb = rm = None
-        if o and r["impl"] != "torch_nystrom":
-            rt, rb = r["fwd_ms"] / o["fwd_ms"], r["fwd_bwd_ms"] / o["fwd_bwd_ms"]
-            if r["fwd_mib"] is not None and o["fwd_mib"] is not None:
-                # below 1 MiB the measure is noise: compare against at least 1 MiB
-                rm = max(r["fwd_mib"], 1.0) / max(o["fwd_mib"], 1.0)
+        rt, rb, rm = ratios(r, by)
         print(f"{r['n']:>6} {r['impl']:<14}{r['fwd_ms']:>9.1f}{r['fwd_bwd_ms']:>9.1f}{fmt(r['fwd_mib'], '9.1f'):>9}"
               f"{fmt(r['fwd_bwd_mib'], '9.1f'):>9}{r['err_vs_exact']:>10.2e}{fmt(r['err_vs_ref64'], '10.2e'):>10}"
               f"{fmt(rt, '7.2f'):>7}{fmt(rb, '7.2f'):>7}{fmt(rm, '7.2f'):>7}")
@@ -423,12 +430,7 @@ def gpu_report(records, args, machine):
              f"{'n':>7} {'impl':<14}{'fwd ms':>9}{'f+b ms':>9}{'fwd MiB':>9}{'f+b MiB':>9}{'err exact':>10}"
              f"{'err ref64':>10}{'%floor':>7}{'fwd x':>7}{'f+b x':>7}{'mem x':>7}"]
     for r in records:
-        o = by.get(("torch_nystrom", r["n"]))
-        rt = rb = rm = None
-        if o and r["impl"] != "torch_nystrom":
-            rt, rb = r["fwd_ms"] / o["fwd_ms"], r["fwd_bwd_ms"] / o["fwd_bwd_ms"]
-            if r["fwd_mib"] is not None and o["fwd_mib"] is not None:
-                rm = max(r["fwd_mib"], 1.0) / max(o["fwd_mib"], 1.0)
+        rt, rb, rm = ratios(r, by)
         lines.append(
             f"{r['n']:>7} {r['impl']:<14}{r['fwd_ms']:>9.2f}{r['fwd_bwd_ms']:>9.2f}{fmt(r['fwd_mib'], '9.1f'):>9}"
             f"{fmt(r['fwd_bwd_mib'], '9.1f'):>9}{r['err_vs_exact']:>10.2e}{fmt(r['err_vs_ref64'], '10.2e'):>10}"
@@ -457,11 +459,7 @@ def gpu_short_table(records_by_dtype, machine, note=None):
             line = f"{dtype:<9}{n:>7}{o['fwd_ms']:>9.2f}{o['fwd_bwd_ms']:>9.2f}{100 * o['bw_frac']:>6.1f}%"
             for label, _ in present:
                 r = by.get((label, n))
-                rt = rb = rm = None
-                if r is not None:
-                    rt, rb = r["fwd_ms"] / o["fwd_ms"], r["fwd_bwd_ms"] / o["fwd_bwd_ms"]
-                    if r["fwd_bwd_mib"] is not None and o["fwd_bwd_mib"] is not None:
-                        rm = max(r["fwd_bwd_mib"], 1.0) / max(o["fwd_bwd_mib"], 1.0)
+                rt, rb, rm = ratios(r, by, mem="fwd_bwd_mib") if r is not None else (None, None, None)
                 line += f"{fmt(rt, '13.2f'):>13}{fmt(rb, '13.2f'):>13}{fmt(rm, '13.2f'):>13}"
             lines.append(line)
     lines.append("(x = peer / torch_nystrom, above 1: torch_nystrom faster or smaller; mem x: fwd+bwd peak memory)")
