@@ -54,7 +54,7 @@ def compile_report(nvcc: str, src: str, arch: str):
     with tempfile.TemporaryDirectory() as tmp:
         # The flags of the CMake build (torch's CMake package adds the --expt ones).
         cmd = [nvcc, "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "--expt-extended-lambda",
-               f"-arch={arch}", "-Xptxas", "-v", "-c", src, "-o", os.path.join(tmp, "k.o")]
+               f"-arch={arch}", "-I", os.path.join(ROOT, "csrc"), "-Xptxas", "-v", "-c", src, "-o", os.path.join(tmp, "k.o")]
         res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"cuda_resources: {' '.join(cmd)} failed:\n{res.stderr}")
@@ -79,8 +79,8 @@ def compile_report(nvcc: str, src: str, arch: str):
 
 
 def dynamic_smem_table() -> list:
-    """Dynamic shared memory per block (bytes), the launchers' formulas (cuda/launch.cuh)."""
-    lines = ["dynamic shared memory per block (bytes), from cuda/launch.cuh:",
+    """Dynamic shared memory per block (bytes), the launchers' formulas (cuda/launch_templates.cuh)."""
+    lines = ["dynamic shared memory per block (bytes), from cuda/launch_templates.cuh:",
              f"  {'kernel':<28}{'dtype':<10}{'D=Dv=64':>10}{'128':>10}{'256':>10}"]
     for dtype, acc, rows_per_block in (("fp32/16", 4, 32), ("fp64", 8, 8)):
         for name, f in (

@@ -1,8 +1,10 @@
 // Shape (Meta) kernels: output shapes and dtypes without computing anything,
 // for fake tensors, torch.compile and torch.export. Symbolic sizes are used
 // throughout, so dynamic sequence lengths trace without specialising. The
-// argument checks are the same calls as in the real kernels.
-#include "nystrom_common.h"
+// argument checks and the allocation of the saved outputs are the same calls
+// as in the real kernels (checks.h, saved_tensors.h).
+#include "checks.h"
+#include "saved_tensors.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -13,7 +15,7 @@ namespace {
 
 using at::Tensor;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_meta(
+ForwardResult forward_meta(
     const Tensor& q,
     const Tensor& k,
     const Tensor& v,
@@ -25,14 +27,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forwa
     std::optional<double> scale) {
   detail::check_inputs("nystrom_attention_forward", q, k, v, num_landmarks, pinv_iterations, pinv_init,
                        key_padding_mask, query_padding_mask, scale);
-  const auto B = q.sym_size(0), H = q.sym_size(1), L = q.sym_size(2), D = q.sym_size(3);
-  const auto Dv = v.sym_size(3);
-  const c10::SymInt m = detail::saved_landmarks(num_landmarks, L, k.sym_size(2));
-  const auto acc = q.options().dtype(detail::accumulate_type(q.scalar_type()));
-  return {at::empty_symint({B, H, L, Dv}, q.options()), at::empty_symint({B, H, m, D}, acc),
-          at::empty_symint({B, H, m, D}, acc),         at::empty_symint({B, H, m, Dv}, acc),
-          at::empty_symint({B, H, m, Dv}, acc),        at::empty_symint({B, H, L}, acc),
-          at::empty_symint({B, H, m}, acc),            at::empty_symint({B, H}, acc)};
+  return detail::allocate_forward_outputs(q, k, v, num_landmarks, detail::Fill::kUninitialized, false).tuple();
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_meta(const Tensor& grad_out,

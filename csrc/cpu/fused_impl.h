@@ -1,6 +1,6 @@
-// The fused tile kernels of simd_attend.h, written once with GCC/Clang vector
-// extensions and compiled once per instruction set: simd_attend_avx2.cpp
-// (8 floats per vector, -mavx2 -mfma) and simd_attend_avx512.cpp (16 floats,
+// The fused tile kernels of fused.h, written once with GCC/Clang vector
+// extensions and compiled once per instruction set: fused_avx2.cpp
+// (8 floats per vector, -mavx2 -mfma) and fused_avx512.cpp (16 floats,
 // -mavx512f -mfma). Each of those defines NYSTROM_SIMD_NS (the namespace of
 // its copy) and NYSTROM_SIMD_WIDTH before including this file; no torch
 // header is included, so no torch inline code is built for these ISAs.
@@ -10,17 +10,17 @@
 // vector registers, each left element broadcast once per step of the inner
 // dimension. Operands are read where they lie (row pointers and strides); only
 // the small per-head matrices are packed, by the caller.
-#include "cpu/simd_attend.h"
+#include "cpu/fused.h"
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #if !defined(NYSTROM_SIMD_NS) || !defined(NYSTROM_SIMD_WIDTH)
-#error "define NYSTROM_SIMD_NS and NYSTROM_SIMD_WIDTH before including simd_attend_impl.h"
+#error "define NYSTROM_SIMD_NS and NYSTROM_SIMD_WIDTH before including fused_impl.h"
 #endif
 
-namespace nystrom::cpu::simd::NYSTROM_SIMD_NS {
+namespace nystrom::cpu::fused::NYSTROM_SIMD_NS {
 namespace {
 
 constexpr int kW = NYSTROM_SIMD_WIDTH;  // floats per vector
@@ -46,9 +46,10 @@ inline V select(VI mask, V a, V b) {  // mask ? a : b, lane by lane
 }
 inline V vmax(V a, V b) { return select(a > b, a, b); }
 
-// exp(x) lane by lane: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor
-// polynomial (truncation below 6e-8 relative), 2^n through the exponent bits;
-// 0 below -87.3 (e^x would be subnormal), so exp(-inf) = 0.
+// exp(x) lane by lane, the one exponential of the CPU kernels: x = n ln2 + r,
+// |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation below 6e-8
+// relative; 7e-8 measured against exp in double), 2^n through the exponent
+// bits; 0 below -87.3 (e^x would be subnormal), so exp(-inf) = 0.
 inline V vexp(V x) {
   const V lo = splat(-87.3f), hi = splat(88.7f);
   const VI under = x < lo;
@@ -205,7 +206,54 @@ inline void iteration_terms(const float* A, const float* Z, int64_t n, float* X,
   identity_minus(13.0f, tmp, Y1, n);
 }
 
+
+// exp of each of the n floats at x, in place, through vexp: whole vectors,
+// then the tail through a zero-padded vector (no access past x + n).
+inline void exp_in_place(float* x, int64_t n, float shift, float* sum) {
+  V vs = splat(0.0f);
+  const V vshift = splat(shift);
+  int64_t c = 0;
+  for (; c + kW <= n; c += kW) {
+    const V e = vexp(load(x + c) - vshift);
+    store(x + c, e);
+    vs += e;
+  }
+  float s = hsum(vs);
+  if (c < n) {
+    alignas(64) float tail[kW] = {};
+    std::memcpy(tail, x + c, (n - c) * sizeof(float));
+    const V e = vexp(load(tail) - vshift);
+    store(tail, e);
+    for (int64_t i = 0; i < n - c; ++i) s += tail[i];
+    std::memcpy(x + c, tail, (n - c) * sizeof(float));
+  }
+  if (sum != nullptr) *sum = s;
+}
+
 }  // namespace
+
+void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld, float* max, float* sum, bool normalize) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * ld;
+    V vm = splat(-INFINITY);
+    int64_t c = 0;
+    for (; c + kW <= cols; c += kW) vm = vmax(vm, load(row + c));
+    float mx = hmax(vm);
+    for (; c < cols; ++c) mx = std::fmax(mx, row[c]);
+    float s = 0.0f;
+    exp_in_place(row, cols, mx, &s);
+    max[r] = mx;
+    sum[r] = s;
+    if (normalize) {
+      const float inv = 1.0f / s;
+      for (c = 0; c < cols; ++c) row[c] *= inv;
+    }
+  }
+}
+
+void exp_shifted_rows(float* x, int64_t rows, int64_t cols, int64_t ld, const float* offset) {
+  for (int64_t r = 0; r < rows; ++r) exp_in_place(x + r * ld, cols, offset[r], nullptr);
+}
 
 void attend_rows(const float* q, int64_t ldq, int64_t rows, int64_t D, const float* kT, int64_t m, int64_t mp,
                  const float* w, int64_t ldw, int64_t Dv, float* out, int64_t ldo, float* lse) {
@@ -406,4 +454,4 @@ double newton_schulz_backward(const float* A, float c, const float* Z, int64_t i
   return -dot / c;
 }
 
-}  // namespace nystrom::cpu::simd::NYSTROM_SIMD_NS
+}  // namespace nystrom::cpu::fused::NYSTROM_SIMD_NS

@@ -1,7 +1,8 @@
 // Launchers of the CUDA kernels of Nyström attention. This header and the
 // kernels behind it are free of torch: raw pointers, sizes, element strides
-// and a cudaStream_t. csrc/cuda/nystrom_cuda.cpp turns tensors into these
-// calls. Every launcher returns the launch's cudaError_t (cudaSuccess when
+// and a cudaStream_t. The torch-facing glue in csrc/cuda/ turns tensors into
+// these calls; launchers.cu implements them (a switch over the dtype into the
+// launch templates of launch_templates.cuh). docs/DESIGN.md §7. Every launcher returns the launch's cudaError_t (cudaSuccess when
 // nothing went wrong), never throws.
 //
 // Conventions. "acc" is the compute type: double for kFloat64 inputs, float
@@ -55,7 +56,7 @@ struct Problem {
 
 /// Which side of the attention a per-token operation works on.
 enum class Side { kQuery = 0, kKey = 1 };
-/// Which batch elements an operation touches (DESIGN.md's two paths).
+/// Which batch elements an operation touches (element.h, docs/DESIGN.md §2 step 1).
 enum class Only { kAll = 0, kExact = 1, kNystrom = 2 };
 
 /// Segment means: out (B, H, ms, d) acc gets, for every selected element,

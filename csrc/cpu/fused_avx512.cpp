@@ -2,5 +2,5 @@
 #if defined(__AVX512F__) && defined(__FMA__)
 #define NYSTROM_SIMD_NS avx512
 #define NYSTROM_SIMD_WIDTH 16
-#include "cpu/simd_attend_impl.h"
+#include "cpu/fused_impl.h"
 #endif

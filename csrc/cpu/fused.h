@@ -9,24 +9,29 @@
 // dimension D or m, 64 in the common case) perf measured MKL's packing and
 // scaling at 17% of the forward against 26% in its compute kernel.
 //
-// Built twice from simd_attend_impl.h, for AVX-512 and for AVX2/FMA, with no
-// torch headers; the best one this CPU runs is chosen at run time.
-// NYSTROM_CPU_SIMD=0 turns them off (the kernels then use ATen), =avx2 keeps
-// AVX2 on a CPU that has AVX-512 (for tests of both).
+// Built twice from fused_impl.h, for AVX-512 and for AVX2/FMA, with no torch
+// headers; which copy runs is decided once, in isa.h (NYSTROM_CPU_SIMD=0
+// turns them off: the kernels then use ATen; =avx2 keeps AVX2 on a CPU that
+// has AVX-512, so that tests check both). Callers check isa() != Isa::kNone
+// before calling anything here. docs/DESIGN.md §6.
 #pragma once
 
 #include <cstdint>
 
-namespace nystrom::cpu::simd {
+namespace nystrom::cpu::fused {
 
 /// Most (padded) landmarks the fused kernels take.
 constexpr int64_t kMaxLandmarksFused = 256;
 /// Columns of the packed operands are padded to a multiple of this.
 constexpr int64_t kPadColumns = 16;
 
-/// Which fused kernels this process uses: 0 none, 8 AVX2 (8 floats per
-/// vector), 16 AVX-512. Decided once, from the CPU and NYSTROM_CPU_SIMD.
-int fused_width();
+/// Row-wise on a (rows x cols) float matrix with row stride ld, in place:
+/// x[r][c] <- exp(x[r][c] - max_r), max[r] = max_c x[r][c] (before), sum[r] =
+/// sum_c of the exponentials; with normalize, then x[r][c] <- x[r][c] / sum[r].
+void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld, float* max, float* sum, bool normalize);
+
+/// Row-wise, in place: x[r][c] <- exp(x[r][c] - offset[r]).
+void exp_shifted_rows(float* x, int64_t rows, int64_t cols, int64_t ld, const float* offset);
 
 /// Query side, for `rows` rows q_i (q + i * ldq, D floats each):
 ///   s = q_i · kT over the first m of mp columns (kT: D x mp row-major, the
@@ -86,7 +91,7 @@ struct BackwardTile {
 };
 void backward_tile(const BackwardTile& t);
 
-/// The Newton–Schulz pseudoinverse of one head (DESIGN.md step 4) on an n x n
+/// The Newton–Schulz pseudoinverse of one head (docs/DESIGN.md §2 step 4) on an n x n
 /// row-major A, n a multiple of kPadColumns, zero-padded: Z_0 = Aᵀ / c, then
 /// `iterations` times Z <- 1/4 Z (13I - AZ(15I - AZ(7I - AZ))). Writes Z_0 ..
 /// Z_T (iterations + 1 matrices) to Z when keep_all, else Z_T only. work: 6 n*n floats.
@@ -96,8 +101,8 @@ void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float
 double newton_schulz_backward(const float* A, float c, const float* Z, int64_t iterations, int64_t n, float* dZ,
                               float* dA, float* work);
 
-// One copy per instruction set (simd_attend_avx2.cpp, simd_attend_avx512.cpp).
-#define NYSTROM_DECLARE_SIMD_ATTEND(ns)                                                                             \
+// One copy per instruction set (fused_avx2.cpp, fused_avx512.cpp).
+#define NYSTROM_DECLARE_FUSED(ns)                                                                             \
   namespace ns {                                                                                                    \
   void attend_rows(const float* q, int64_t ldq, int64_t rows, int64_t D, const float* kT, int64_t m, int64_t mp, \
                    const float* w, int64_t ldw, int64_t Dv, float* out, int64_t ldo, float* lse);                \
@@ -108,9 +113,11 @@ double newton_schulz_backward(const float* A, float c, const float* Z, int64_t i
   void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float* Z, bool keep_all, float* work); \
   double newton_schulz_backward(const float* A, float c, const float* Z, int64_t iterations, int64_t n, float* dZ, \
                                 float* dA, float* work);                                                            \
+  void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld, float* max, float* sum, bool normalize);      \
+  void exp_shifted_rows(float* x, int64_t rows, int64_t cols, int64_t ld, const float* offset);                   \
   }
-NYSTROM_DECLARE_SIMD_ATTEND(avx2)
-NYSTROM_DECLARE_SIMD_ATTEND(avx512)
-#undef NYSTROM_DECLARE_SIMD_ATTEND
+NYSTROM_DECLARE_FUSED(avx2)
+NYSTROM_DECLARE_FUSED(avx512)
+#undef NYSTROM_DECLARE_FUSED
 
-}  // namespace nystrom::cpu::simd
+}  // namespace nystrom::cpu::fused

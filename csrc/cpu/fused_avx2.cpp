@@ -2,5 +2,5 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #define NYSTROM_SIMD_NS avx2
 #define NYSTROM_SIMD_WIDTH 8
-#include "cpu/simd_attend_impl.h"
+#include "cpu/fused_impl.h"
 #endif

@@ -1,5 +1,6 @@
-// The dtype switch behind the launchers of nystrom_cuda.h.
-#include "launch.cuh"
+// The launchers of launchers.h: a switch over the dtype into the launch
+// templates (launch_templates.cuh), instantiated in inst_<dtype>.cu.
+#include "launch_templates.cuh"
 
 namespace nystrom::cuda {
 namespace kern {

@@ -5,10 +5,10 @@
 // float32 accumulation; softmax statistics stay in float32 (the
 // probabilities are rounded to the input dtype only as the left operand of
 // the second product, as flash attention does). Same contracts as the
-// generic kernels in kernels.cuh, which serve every other case.
+// generic kernels in forward_kernels.cuh, which serve every other case.
 #pragma once
 
-#include "kernels.cuh"
+#include "forward_kernels.cuh"
 
 #include <mma.h>
 

@@ -1,5 +1,6 @@
-// Internal: argument checking and option parsing shared by every backend
-// (CPU, Meta) so that the same bad call fails with the same words everywhere.
+// Internal: the argument checks and option parsing of the nystrom ops, shared
+// by every backend (CPU, CUDA, Meta) so that the same bad call fails with the
+// same words everywhere (docs/DESIGN.md §4). Implemented in checks.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,10 +1,14 @@
 // Launch templates, one instantiation per input dtype (inst_*.cu); the
-// dtype switch lives in dispatch.cu. Heads are launched in slices of at most
-// 65535 (the grid's y/z limit), and every launch is checked.
+// dtype switch lives in launchers.cu, the switches from sizes to template
+// parameters in static_switch.h. Heads are launched in slices of at most
+// 65535 (the grid's y/z limit), and every launch is checked. docs/DESIGN.md §7.
 #pragma once
 
-#include "kernels.cuh"
-#include "tensor_core.cuh"
+#include "backward_kernels.cuh"
+#include "forward_kernels.cuh"
+#include "forward_tc_kernels.cuh"
+#include "newton_schulz_kernel.cuh"
+#include "static_switch.h"
 
 #include <algorithm>
 
@@ -23,12 +27,6 @@ cudaError_t for_head_slices(int heads, F&& launch) {
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
-}
-
-// Columns per lane held in registers: 64, 128 or 256-wide head dims.
-inline int nj_for(int D, int Dv) {
-  const int d = std::max(D, Dv);
-  return d <= 64 ? 2 : (d <= 128 ? 4 : 8);
 }
 
 template <typename Kernel>
@@ -79,11 +77,9 @@ cudaError_t forward_t(const ForwardArgs& args, int tiles, int splits, cudaStream
   using TY = typename std::conditional<kLandmarkPass, T, A>::type;
   constexpr int R = rpw<T>();
   const size_t smem = forward_smem_t<T>(args.p.D, args.p.Dv);
-  switch (nj_for(args.p.D, args.p.Dv)) {
-    case 2: return forward_launch<TX, TY, T, A, R, 2, kLandmarkPass>(args, tiles, splits, smem, stream);
-    case 4: return forward_launch<TX, TY, T, A, R, 4, kLandmarkPass>(args, tiles, splits, smem, stream);
-    default: return forward_launch<TX, TY, T, A, R, 8, kLandmarkPass>(args, tiles, splits, smem, stream);
-  }
+  return with_lane_columns(args.p.D, args.p.Dv, [&](auto nj) {
+    return forward_launch<TX, TY, T, A, R, decltype(nj)::value, kLandmarkPass>(args, tiles, splits, smem, stream);
+  });
 }
 
 template <typename T>
@@ -107,20 +103,14 @@ cudaError_t tc_forward(const ForwardArgs& args, int grid_x, int tiles_per_block,
       }
     });
   };
-  const int D = args.p.D, Dv = args.p.Dv;
-#define NYSTROM_TC_CASE(DD, VV)                                                             \
-  if (D == DD && Dv == VV) {                                                               \
-    if constexpr (kLandmarkPass)                                                           \
-      return launch(tc_landmark_kernel<T, DD, VV>, tc_landmark_smem<T>(DD, VV));           \
-    else                                                                                   \
-      return launch(tc_query_kernel<T, DD, VV>, tc_query_smem<T>(DD, VV));                 \
-  }
-  NYSTROM_TC_CASE(64, 64)
-  NYSTROM_TC_CASE(64, 128)
-  NYSTROM_TC_CASE(128, 64)
-  NYSTROM_TC_CASE(128, 128)
-#undef NYSTROM_TC_CASE
-  return cudaErrorInvalidValue;
+  return with_tc_head_dims(args.p.D, args.p.Dv, [&](auto d, auto dv) {
+    constexpr int DD = decltype(d)::value, VV = decltype(dv)::value;
+    if constexpr (kLandmarkPass) {
+      return launch(tc_landmark_kernel<T, DD, VV>, tc_landmark_smem<T>(DD, VV));
+    } else {
+      return launch(tc_query_kernel<T, DD, VV>, tc_query_smem<T>(DD, VV));
+    }
+  });
 }
 
 template <typename T>
@@ -210,12 +200,14 @@ cudaError_t newton_schulz_t(int heads, int ms, int Dv, int iterations, const voi
                             void* zbv, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   if (newton_schulz_smem_t<A>(ms) == 0) return cudaErrorInvalidValue;
-  if (ms <= 32) return newton_schulz_launch<A, 32>(heads, ms, Dv, iterations, Am, c, bv, zbv, stream);
-  if (ms <= 64) return newton_schulz_launch<A, 64>(heads, ms, Dv, iterations, Am, c, bv, zbv, stream);
-  if constexpr (sizeof(A) == 4) {
-    return newton_schulz_launch<A, 128>(heads, ms, Dv, iterations, Am, c, bv, zbv, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_newton_schulz_size(ms, sizeof(A) == 4, [&](auto mp) {
+    constexpr int MP = decltype(mp)::value;
+    if constexpr (MP == 128 && sizeof(A) != 4) {
+      return cudaErrorInvalidValue;  // never built: 3 x 128^2 doubles exceed any GPU's shared memory
+    } else {
+      return newton_schulz_launch<A, MP>(heads, ms, Dv, iterations, Am, c, bv, zbv, stream);
+    }
+  });
 }
 
 template <typename Kernel>
@@ -247,11 +239,9 @@ cudaError_t backward_query_t(const Problem& p, RowsView q, RowsView dout, const 
   a.part2 = part_dw;
   constexpr int R = rpw<T>();
   const size_t smem = backward_smem_t<T>(p.D, p.Dv);
-  switch (nj_for(p.D, p.Dv)) {
-    case 2: return backward_launch(backward_query_kernel<T, A, R, 2>, a, smem, stream);
-    case 4: return backward_launch(backward_query_kernel<T, A, R, 4>, a, smem, stream);
-    default: return backward_launch(backward_query_kernel<T, A, R, 8>, a, smem, stream);
-  }
+  return with_lane_columns(p.D, p.Dv, [&](auto nj) {
+    return backward_launch(backward_query_kernel<T, A, R, decltype(nj)::value>, a, smem, stream);
+  });
 }
 
 template <typename T>
@@ -273,11 +263,9 @@ cudaError_t backward_key_t(const Problem& p, RowsView k, RowsView v, const void*
   a.part1 = part_dql;
   constexpr int R = rpw<T>();
   const size_t smem = backward_smem_t<T>(p.D, p.Dv);
-  switch (nj_for(p.D, p.Dv)) {
-    case 2: return backward_launch(backward_key_kernel<T, A, R, 2>, a, smem, stream);
-    case 4: return backward_launch(backward_key_kernel<T, A, R, 4>, a, smem, stream);
-    default: return backward_launch(backward_key_kernel<T, A, R, 8>, a, smem, stream);
-  }
+  return with_lane_columns(p.D, p.Dv, [&](auto nj) {
+    return backward_launch(backward_key_kernel<T, A, R, decltype(nj)::value>, a, smem, stream);
+  });
 }
 
 template <typename T>
@@ -293,7 +281,7 @@ cudaError_t spread_t(const Problem& p, Side side, Only only, const void* src, in
 }
 
 // Every launcher of one dtype: instantiated in inst_<dtype>.cu (empty PREFIX),
-// declared extern in dispatch.cu (PREFIX extern).
+// declared extern in launchers.cu (PREFIX extern).
 #define NYSTROM_LAUNCHERS(PREFIX, T)                                                                          \
   PREFIX template cudaError_t pool_t<T>(const Problem&, Side, Only, RowsView, int, void*, cudaStream_t);                 \
   PREFIX template cudaError_t landmark_partials_t<T>(const Problem&, const void*, RowsView, RowsView, int, void*, void*, \

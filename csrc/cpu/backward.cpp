@@ -1,0 +1,400 @@
+// CPU kernel of nystrom_attention_backward (docs/DESIGN.md §6): the exact
+// derivative of the forward, through every Newton–Schulz iteration and c. Its
+// phases follow the CUDA glue's backward steps (§7):
+//   0. exact elements, whole (softmax attention's own gradient);
+//   1. query pass: recompute F from lse_query per query tile; dq (direct
+//      part), and per tile the partial dk̃ and dW (W = zbv);
+//   2. landmark pass, per head: reduce the tiles; back through zbv = Z_T·bv,
+//      the Newton–Schulz iterations, c and the softmax of A, giving dbv, dq̃, dk̃;
+//   3. key pass: recompute Bm from lse_landmark per key tile; dk (direct part
+//      plus each key's share of dk̃), dv, and per tile the partial dq̃;
+//   4. each query's share of dq̃ (the landmarks are segment means).
+// Gradients accumulate in the compute dtype and are converted at the end.
+#include "cpu/tile_ops.h"
+#include "cpu/tiles.h"
+#include "newton_schulz.h"
+#include "saved_tensors.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace nystrom::cpu {
+namespace {
+
+// One backward call in progress: inputs, gradients, and what the phases hand
+// each other. Per-head vectors are indexed by b * H + h.
+struct BackwardState {
+  BackwardState(const detail::BackwardCall& call, const std::vector<Element>& elements, Tensor dq_, Tensor dk_,
+                Tensor dv_)
+      : c(call), el(elements), dq(std::move(dq_)), dk(std::move(dk_)), dv(std::move(dv_)) {}
+  const detail::BackwardCall& c;
+  const std::vector<Element>& el;
+  Tensor dq, dk, dv;           // (B, H, n, d) in the compute dtype
+  std::vector<int64_t> heads;  // the Nyström heads
+  Tensor q_lm_s, k_lm_s;       // landmarks with the softmax scale folded in
+  bool fused = false;
+  int64_t mp = 0, dp = 0, dvp = 0;  // ms, D, Dv rounded up to fused::kPadColumns
+  std::vector<Tile> qtiles, ktiles;  // Nyström tiles of queries and of keys
+  std::vector<Tensor> part_dkl, part_dw2, part_dql;  // per tile
+  Tensor dbv_all;                    // (B, H, ms, Dv): dL/dbv, zero-padded
+  std::vector<Tensor> dql, dkl, dbv;  // per head: dL/dq̃, dL/dk̃, dL/dbv
+};
+
+// What both passes give fused::backward_tile: the tile's x rows (q or k, D
+// wide) and y rows (dO or v, Dv wide), m of mp landmark columns, one head's
+// packed b1, b2 and c1, the rows of out1, the P and X buffers (scratch slots
+// 0 and 1) and t1. Each pass adds its own offsets and outputs.
+fused::BackwardTile backward_tile_of(const Tensor& x, const Tensor& y, int64_t D, int64_t Dv, int64_t m, int64_t mp,
+                                     const Tensor& b1, const Tensor& b2, const Tensor& c1, const Tensor& out1,
+                                     const Tensor& t1) {
+  fused::BackwardTile bt;
+  bt.x = x.data_ptr<float>();
+  bt.ldx = x.stride(0);
+  bt.y = y.data_ptr<float>();
+  bt.ldy = y.stride(0);
+  bt.rows = x.size(0);
+  bt.D = D;
+  bt.Dv = Dv;
+  bt.m = m;
+  bt.mp = mp;
+  bt.b1 = b1.data_ptr<float>();
+  bt.b2 = b2.data_ptr<float>();
+  bt.c1 = c1.data_ptr<float>();
+  bt.ldc1 = c1.stride(0);
+  bt.out1 = out1.data_ptr<float>();
+  bt.ldo1 = out1.stride(0);
+  bt.pbuf = scratch(0, x.size(0), mp, x.options()).data_ptr<float>();
+  bt.xbuf = scratch(1, x.size(0), mp, x.options()).data_ptr<float>();
+  bt.t1 = t1.data_ptr<float>();
+  bt.ldt1 = t1.stride(0);
+  return bt;
+}
+
+// Phase 0: exact elements, one task per (b, h), the whole element at once.
+void exact_elements(BackwardState& s) {
+  const detail::BackwardCall& c = s.c;
+  const std::vector<int64_t> heads = heads_of(s.el, c.H, ElementKind::kExact);
+  const double md = static_cast<double>(c.ms);
+  run_tasks(static_cast<int64_t>(heads.size()), 2 * md * md * (c.D + c.Dv), [&](int64_t i) {
+    const int64_t b = heads[i] / c.H, h = heads[i] % c.H;
+    const Element& e = s.el[b];
+    Tensor qr = rows(c.q[b][h], e.qidx, 0, e.Lb, c.acc);
+    Tensor kr = rows(c.k[b][h], e.kidx, 0, e.Sb, c.acc);
+    Tensor vr = rows(c.v[b][h], e.kidx, 0, e.Sb, c.acc);
+    Tensor g = rows(c.grad_out[b][h], e.qidx, 0, e.Lb, c.acc);
+    Tensor lse = rows(c.lse_query[b][h].unsqueeze(1), e.qidx, 0, e.Lb, c.acc);
+    Tensor P = at::mm(qr, kr.t()).mul_(c.o.scale).sub_(lse).exp_();
+    Tensor dP = at::mm(g, vr.t());
+    Tensor dS = P * (dP - (P * dP).sum(1, true));
+    put_rows(s.dq[b][h], e.qidx, 0, at::mm(dS, kr).mul_(c.o.scale));
+    put_rows(s.dk[b][h], e.kidx, 0, at::mm(dS.t(), qr).mul_(c.o.scale));
+    put_rows(s.dv[b][h], e.kidx, 0, at::mm(P.t(), g));
+  });
+}
+
+// Phase 1: query tiles. F = softmax(scale q k̃ᵀ) from its saved log-sum-exp;
+// dq (direct part), and per tile dk̃ = scale dXᵀ q and dW = Fᵀ dO.
+void query_pass(BackwardState& s) {
+  const detail::BackwardCall& c = s.c;
+  s.qtiles = make_tiles(s.el, c.H, /*keys=*/false, /*exact_whole=*/false, ElementKind::kNystrom);
+  s.part_dkl.assign(s.qtiles.size(), Tensor());
+  s.part_dw2.assign(s.qtiles.size(), Tensor());
+  // The packed per-head operands of the fused pass (fused.h, backward_tile).
+  const Tensor k_lm_sT = s.fused ? pack_heads(s.k_lm_s, c.D, s.mp, /*transpose=*/true) : Tensor();
+  const Tensor zbvT = s.fused ? pack_heads(c.zbv, c.Dv, s.mp, /*transpose=*/true) : Tensor();
+  const Tensor k_lm_sP = s.fused ? pack_heads(s.k_lm_s, s.mp, s.dp, /*transpose=*/false) : Tensor();
+  const double md = static_cast<double>(c.ms), tL = tile_rows(c.L, c.B * c.H);
+  run_tasks(static_cast<int64_t>(s.qtiles.size()), tL * md * (2 * c.D + 3 * c.Dv), [&](int64_t i) {
+    const Tile& t = s.qtiles[i];
+    const Element& e = s.el[t.b];
+    const Tensor lse_bh = c.lse_query[t.b][t.h].unsqueeze(1);
+    if (s.fused) {
+      const Tensor qt = unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, 6, s.dp);
+      const Tensor g = unit_rows(c.grad_out[t.b][t.h], e.qidx, t.r0, t.r1, 5, 7, s.dvp);
+      const Tensor lse = rows(lse_bh, e.qidx, t.r0, t.r1, c.acc).contiguous();
+      const int64_t n = qt.size(0);
+      const bool direct = !e.qidx.defined();
+      Tensor dqt = direct ? s.dq[t.b][t.h].narrow(0, t.r0, n) : scratch(2, n, c.D, c.acc_opts);
+      s.part_dkl[i] = at::empty({e.mk, c.D}, c.acc_opts);
+      s.part_dw2[i] = at::empty({e.mk, c.Dv}, c.acc_opts);
+      fused::BackwardTile bt = backward_tile_of(qt, g, c.D, c.Dv, e.mk, s.mp, k_lm_sT[t.b][t.h], zbvT[t.b][t.h],
+                                                k_lm_sP[t.b][t.h], dqt, s.part_dkl[i]);
+      bt.row_offset = lse.data_ptr<float>();
+      bt.t2 = s.part_dw2[i].data_ptr<float>();
+      bt.ldt2 = c.Dv;
+      fused::backward_tile(bt);
+      s.part_dkl[i].mul_(c.o.scale);
+      if (!direct) put_rows(s.dq[t.b][t.h], e.qidx, t.r0, dqt);
+      return;
+    }
+    Tensor kl_s = s.k_lm_s[t.b][t.h].narrow(0, 0, e.mk);
+    Tensor w2 = c.zbv[t.b][t.h].narrow(0, 0, e.mk);
+    Tensor qt = rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, c.acc, 4);
+    Tensor g = rows(c.grad_out[t.b][t.h], e.qidx, t.r0, t.r1, c.acc, 5);
+    Tensor lse = rows(lse_bh, e.qidx, t.r0, t.r1, c.acc);
+    Tensor F = scratch(0, qt.size(0), kl_s.size(0), c.acc_opts);
+    exp_shifted(at::mm_out(F, qt, kl_s.t()), lse);
+    Tensor dF = scratch(1, qt.size(0), kl_s.size(0), c.acc_opts);
+    at::mm_out(dF, g, w2.t());
+    Tensor prod = scratch(2, F.size(0), F.size(1), c.acc_opts);
+    Tensor row = at::mul_out(prod, F, dF).sum(1, true);
+    Tensor dX = dF.sub_(row).mul_(F);
+    mm_put(s.dq[t.b][t.h], e.qidx, t.r0, dX, kl_s);
+    s.part_dkl[i] = at::mm(dX.t(), qt).mul_(c.o.scale);
+    s.part_dw2[i] = at::mm(F.t(), g);
+  });
+}
+
+// Phase 2: per head, the m x m part. Reduce the query tiles' partials; back
+// through zbv = Z_T·bv and every Newton–Schulz iteration (dbv, dA, dc); c =
+// the largest column sum of A sends dc to that column; the softmax of A gives
+// dq̃ and dk̃. Ends with each key's share of dk̃ (the landmark is a mean).
+void landmark_pass(BackwardState& s) {
+  const detail::BackwardCall& c = s.c;
+  const int64_t B = c.B, H = c.H, ms = c.ms, T = c.o.pinv_iterations;
+  const TileIndex qindex(s.qtiles, B, H);
+  std::vector<Tensor> A(B * H), dA(B * H);
+  std::vector<double> dc(B * H, 0.0), pinv_c(B * H, 0.0), colsum_max(B * H, 0.0);
+  std::vector<int64_t> cmax_col(B * H, 0);
+  s.dql.assign(B * H, Tensor());
+  s.dkl.assign(B * H, Tensor());
+  s.dbv.assign(B * H, Tensor());
+  // Every head's A and dL/dzbv in zero-padded stacks (zero and c = 1 off the
+  // Nyström path), for the batched Newton–Schulz derivative.
+  Tensor A_all = at::zeros({B, H, ms, ms}, c.acc_opts);
+  Tensor dw2_all = at::zeros({B, H, ms, c.Dv}, c.acc_opts);
+  const double md = static_cast<double>(ms);
+  const double tiles_per_head = std::ceil(double(c.L) / tile_rows(c.L, B * H));
+  run_tasks(static_cast<int64_t>(s.heads.size()), md * md * c.D + tiles_per_head * md * (c.D + c.Dv), [&](int64_t i) {
+    const int64_t bh = s.heads[i], b = bh / H, h = bh % H;
+    const Element& e = s.el[b];
+    const int64_t first = qindex.first[bh];
+    Tensor dkl_h = s.part_dkl[first].clone();
+    Tensor dw2 = dw2_all[b][h].narrow(0, 0, e.mk);
+    dw2.copy_(s.part_dw2[first]);
+    for (int64_t j = 1; j < qindex.count[bh]; ++j) {
+      dkl_h.add_(s.part_dkl[first + j]);
+      dw2.add_(s.part_dw2[first + j]);
+    }
+    Tensor ql = c.q_landmarks[b][h].narrow(0, 0, e.mq);
+    A[bh] = A_all[b][h].narrow(0, 0, e.mq).narrow(1, 0, e.mk);
+    A[bh].copy_(softmax_rows(ql, s.k_lm_s[b][h].narrow(0, 0, e.mk)).first);
+    pinv_c[bh] = c.pinv_scale[b][h].item<double>();
+    std::tie(colsum_max[bh], cmax_col[bh]) = max_column_sum(A[bh]);
+    s.dkl[bh] = dkl_h;
+    s.dql[bh] = at::zeros({e.mq, c.D}, c.acc_opts);
+  });
+  s.part_dkl.clear();
+  s.part_dw2.clear();
+  if (s.fused) {
+    // Back through zbv = Z_T·bv and every iteration, a head per task.
+    const int64_t n = s.mp;
+    s.dbv_all = at::zeros({B, H, ms, c.Dv}, c.acc_opts);
+    Tensor dA_all = at::empty({B, H, ms, ms}, c.acc_opts);
+    run_tasks(static_cast<int64_t>(s.heads.size()), 16.0 * T * n * n * n, [&](int64_t i) {
+      const int64_t bh = s.heads[i], b = bh / H, h = bh % H;
+      const Element& e = s.el[b];
+      const Tensor Ap = padded_square(A_all[b][h], n, 0);
+      Tensor Z = scratch(1, (T + 1) * n, n, c.acc_opts);
+      Tensor work = scratch(2, 10 * n, n, c.acc_opts);
+      fused::newton_schulz(Ap.data_ptr<float>(), static_cast<float>(pinv_c[bh]), T, n, Z.data_ptr<float>(),
+                           /*keep_all=*/true, work.data_ptr<float>());
+      const Tensor ZT = Z.narrow(0, T * n, n).narrow(0, 0, ms).narrow(1, 0, ms);
+      Tensor dbv_h = s.dbv_all[b][h];
+      at::mm_out(dbv_h, ZT.t(), dw2_all[b][h]);
+      Tensor dZ = scratch(3, n, n, c.acc_opts);
+      dZ.zero_();
+      Tensor dZ_top = dZ.narrow(0, 0, ms).narrow(1, 0, ms);
+      at::mm_out(dZ_top, dw2_all[b][h], c.bv[b][h].t());
+      Tensor dAp = scratch(4, n, n, c.acc_opts);
+      dc[bh] = fused::newton_schulz_backward(Ap.data_ptr<float>(), static_cast<float>(pinv_c[bh]), Z.data_ptr<float>(),
+                                             T, n, dZ.data_ptr<float>(), dAp.data_ptr<float>(), work.data_ptr<float>());
+      dA_all[b][h].copy_(dAp.narrow(0, 0, ms).narrow(1, 0, ms));
+      s.dbv[bh] = s.dbv_all[b][h].narrow(0, 0, e.mq);
+      dA[bh] = dA_all[b][h].narrow(0, 0, e.mq).narrow(1, 0, e.mk);
+    });
+  } else {
+    // Back through zbv = Z_T·bv and every iteration, all heads at once.
+    const Tensor c_t = pinv_scales(pinv_c, s.heads, B, H, c.acc);
+    const std::vector<Tensor> Z = detail::newton_schulz_iterates(A_all, c_t, T);
+    s.dbv_all = at::matmul(Z.back().transpose(-1, -2), dw2_all);
+    auto [dA_all, dc_all] = detail::newton_schulz_backward(A_all, c_t, Z, at::matmul(dw2_all, c.bv.transpose(-1, -2)));
+    const Tensor dc_d = dc_all.to(at::kDouble).contiguous();
+    const double* dcp = dc_d.data_ptr<double>();
+    for (int64_t bh : s.heads) {
+      const int64_t b = bh / H, h = bh % H;
+      const Element& e = s.el[b];
+      s.dbv[bh] = s.dbv_all[b][h].narrow(0, 0, e.mq);
+      dA[bh] = dA_all[b][h].narrow(0, 0, e.mq).narrow(1, 0, e.mk);
+      dc[bh] = dcp[bh];
+    }
+  }
+  // c = the largest column sum of A: its gradient reaches that column. With
+  // pinv_init="original" one c serves every head: all heads' dc go to the
+  // head (the first, on ties) whose A attains the maximum.
+  if (c.o.original_init) {
+    double total = 0.0, best = -1.0;
+    int64_t arg = s.heads.front();
+    for (int64_t bh : s.heads) {
+      total += dc[bh];
+      if (colsum_max[bh] > best) {
+        best = colsum_max[bh];
+        arg = bh;
+      }
+    }
+    for (int64_t bh : s.heads) dc[bh] = bh == arg ? total : 0.0;
+  }
+  run_tasks(static_cast<int64_t>(s.heads.size()), 2 * md * md * c.D, [&](int64_t i) {
+    const int64_t bh = s.heads[i], b = bh / H, h = bh % H;
+    const Element& e = s.el[b];
+    if (dc[bh] != 0.0) dA[bh].select(1, cmax_col[bh]).add_(dc[bh]);
+    Tensor ql = c.q_landmarks[b][h].narrow(0, 0, e.mq);
+    Tensor kl = c.k_landmarks[b][h].narrow(0, 0, e.mk);
+    Tensor dS = A[bh] * (dA[bh] - (A[bh] * dA[bh]).sum(1, true));
+    s.dql[bh].add_(at::mm(dS, kl).mul_(c.o.scale));
+    s.dkl[bh].add_(at::mm(dS.t(), ql).mul_(c.o.scale));
+    s.dkl[bh].mul_(inverse_segment_sizes(e.Sb, e.mk, c.acc));
+  });
+}
+
+// Phase 3: key tiles. Bm = softmax(scale q̃ kᵀ) from its saved log-sum-exp;
+// dk (direct part plus the share of dk̃ of the tile's segments), dv, and per
+// tile dq̃ = scale dX k.
+void key_pass(BackwardState& s) {
+  const detail::BackwardCall& c = s.c;
+  const int64_t B = c.B, H = c.H;
+  s.ktiles = make_tiles(s.el, H, /*keys=*/true, /*exact_whole=*/false, ElementKind::kNystrom);
+  s.part_dql.assign(s.ktiles.size(), Tensor());
+  Tensor q_lm_sT, dbvT, q_lm_sP, dbvP, lse_lP, col_dotP;
+  if (s.fused) {
+    q_lm_sT = pack_heads(s.q_lm_s, c.D, s.mp, /*transpose=*/true);
+    q_lm_sP = pack_heads(s.q_lm_s, s.mp, s.dp, /*transpose=*/false);
+    dbvT = pack_heads(s.dbv_all, c.Dv, s.mp, /*transpose=*/true);
+    dbvP = pack_heads(s.dbv_all, s.mp, s.dvp, /*transpose=*/false);
+    lse_lP = pack_heads(c.lse_landmark.unsqueeze(3), s.mp, 1, /*transpose=*/false).view({B, H, s.mp});
+    col_dotP = pack_heads((s.dbv_all * c.bv).sum(-1, /*keepdim=*/true), s.mp, 1, /*transpose=*/false)
+                   .view({B, H, s.mp});
+  }
+  const double md = static_cast<double>(c.ms), tS = tile_rows(c.S, B * H);
+  run_tasks(static_cast<int64_t>(s.ktiles.size()), tS * md * (2 * c.D + 3 * c.Dv), [&](int64_t i) {
+    const Tile& t = s.ktiles[i];
+    const int64_t bh = t.b * H + t.h;
+    const Element& e = s.el[t.b];
+    const Tensor dk_bh = s.dk[t.b][t.h], dv_bh = s.dv[t.b][t.h];
+    if (s.fused) {
+      const Tensor kt = unit_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, 6, s.dp);
+      const Tensor vt = unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, 7, s.dvp);
+      const int64_t n = kt.size(0);
+      const bool direct = !e.kidx.defined();
+      Tensor dkt = direct ? dk_bh.narrow(0, t.r0, n) : scratch(2, n, c.D, c.acc_opts);
+      Tensor dvt = direct ? dv_bh.narrow(0, t.r0, n) : scratch(3, n, c.Dv, c.acc_opts);
+      s.part_dql[i] = at::empty({e.mq, c.D}, c.acc_opts);
+      fused::BackwardTile bt = backward_tile_of(kt, vt, c.D, c.Dv, e.mq, s.mp, q_lm_sT[t.b][t.h], dbvT[t.b][t.h],
+                                                q_lm_sP[t.b][t.h], dkt, s.part_dql[i]);
+      bt.col_offset = lse_lP[t.b][t.h].data_ptr<float>();
+      bt.col_dot = col_dotP[t.b][t.h].data_ptr<float>();
+      bt.c2 = dbvP[t.b][t.h].data_ptr<float>();
+      bt.ldc2 = s.dvp;
+      bt.out2 = dvt.data_ptr<float>();
+      bt.ldo2 = dvt.stride(0);
+      fused::backward_tile(bt);
+      s.part_dql[i].mul_(c.o.scale);
+      if (!direct) {
+        put_rows(dk_bh, e.kidx, t.r0, dkt);
+        put_rows(dv_bh, e.kidx, t.r0, dvt);
+      }
+      add_segment_rows(dk_bh, e.kidx, t.r0, t.r1, e.Sb, e.mk, s.dkl[bh]);
+      return;
+    }
+    Tensor ql_s = s.q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
+    Tensor bvh = c.bv[t.b][t.h].narrow(0, 0, e.mq);
+    Tensor lse = c.lse_landmark[t.b][t.h].narrow(0, 0, e.mq).unsqueeze(1);
+    Tensor kt = rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, c.acc, 4);
+    Tensor vt = rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, c.acc, 5);
+    Tensor Bm = scratch(0, e.mq, kt.size(0), c.acc_opts);
+    exp_shifted(at::mm_out(Bm, ql_s, kt.t()), lse);
+    Tensor dBm = scratch(1, e.mq, kt.size(0), c.acc_opts);
+    at::mm_out(dBm, s.dbv[bh], vt.t());
+    Tensor dX = dBm.sub_((s.dbv[bh] * bvh).sum(1, true)).mul_(Bm);
+    mm_put(dk_bh, e.kidx, t.r0, dX.t(), ql_s);
+    add_segment_rows(dk_bh, e.kidx, t.r0, t.r1, e.Sb, e.mk, s.dkl[bh]);
+    mm_put(dv_bh, e.kidx, t.r0, Bm.t(), s.dbv[bh]);
+    s.part_dql[i] = at::mm(dX, kt).mul_(c.o.scale);
+  });
+}
+
+// Phase 4: reduce the key tiles' dq̃ per head, then add each query's share
+// of it (the landmarks are segment means).
+void spread_query_landmarks(BackwardState& s) {
+  const detail::BackwardCall& c = s.c;
+  const TileIndex kindex(s.ktiles, c.B, c.H);
+  const double md = static_cast<double>(c.ms);
+  const double tiles_per_head = std::ceil(double(c.S) / tile_rows(c.S, c.B * c.H));
+  run_tasks(static_cast<int64_t>(s.heads.size()), tiles_per_head * md * c.D, [&](int64_t i) {
+    const int64_t bh = s.heads[i];
+    const Element& e = s.el[bh / c.H];
+    for (int64_t j = 0; j < kindex.count[bh]; ++j) s.dql[bh].add_(s.part_dql[kindex.first[bh] + j]);
+    s.dql[bh].mul_(inverse_segment_sizes(e.Lb, e.mq, c.acc));
+  });
+  run_tasks(static_cast<int64_t>(s.qtiles.size()), tile_rows(c.L, c.B * c.H) * double(c.D), [&](int64_t i) {
+    const Tile& t = s.qtiles[i];
+    const Element& e = s.el[t.b];
+    add_segment_rows(s.dq[t.b][t.h], e.qidx, t.r0, t.r1, e.Lb, e.mq, s.dql[t.b * c.H + t.h]);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cpu(
+    const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& q_landmarks,
+    const Tensor& k_landmarks, const Tensor& bv, const Tensor& zbv, const Tensor& lse_query,
+    const Tensor& lse_landmark, const Tensor& pinv_scale, int64_t num_landmarks, int64_t pinv_iterations,
+    c10::string_view pinv_init, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& query_padding_mask, std::optional<double> scale) {
+  constexpr const char* op = "nystrom_attention_backward";
+  const detail::BackwardCall c = detail::backward_prologue(
+      op, grad_out, query, key, value, q_landmarks, k_landmarks, bv, zbv, lse_query, lse_landmark, pinv_scale,
+      num_landmarks, pinv_iterations, pinv_init, key_padding_mask, query_padding_mask, scale);
+  // Every real row is written, so only the rows of padded tokens need zeros.
+  auto alloc = [&](bool zero, std::initializer_list<int64_t> shape) {
+    return zero ? at::zeros(shape, c.acc_opts) : at::empty(shape, c.acc_opts);
+  };
+  const bool any_mask = c.has_query_mask || c.has_key_mask;
+  Tensor dq = alloc(c.has_query_mask, {c.B, c.H, c.L, c.D});
+  Tensor dk = alloc(any_mask, {c.B, c.H, c.S, c.D});
+  Tensor dv = alloc(any_mask, {c.B, c.H, c.S, c.Dv});
+  auto finish = [&]() {
+    const at::ScalarType t = c.q.scalar_type();
+    return std::make_tuple(dq.to(t), dk.to(t), dv.to(t));
+  };
+  if (c.B == 0 || c.L == 0) {  // no query: nothing reaches the keys
+    dk.zero_();
+    dv.zero_();
+    return finish();
+  }
+  const std::vector<Element> el =
+      describe_batch(op, c.B, c.L, c.S, c.o.num_landmarks, key_padding_mask, query_padding_mask);
+  BackwardState s(c, el, dq, dk, dv);
+  exact_elements(s);
+  s.heads = heads_of(el, c.H, ElementKind::kNystrom);
+  if (s.heads.empty()) return finish();
+  s.q_lm_s = c.q_landmarks * c.o.scale;
+  s.k_lm_s = c.k_landmarks * c.o.scale;
+  s.fused = use_fused(c.acc, c.ms);
+  s.mp = round_up(c.ms, fused::kPadColumns);
+  s.dp = round_up(c.D, fused::kPadColumns);
+  s.dvp = round_up(c.Dv, fused::kPadColumns);
+  query_pass(s);
+  landmark_pass(s);
+  key_pass(s);
+  spread_query_landmarks(s);
+  return finish();
+}
+
+}  // namespace
+}  // namespace nystrom::cpu
+
+TORCH_LIBRARY_IMPL(nystrom, CPU, m) { m.impl("nystrom_attention_backward", &nystrom::cpu::backward_cpu); }

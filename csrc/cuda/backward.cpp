@@ -1,0 +1,130 @@
+// CUDA kernel of nystrom_attention_backward (docs/DESIGN.md §7): recomputes
+// F and Bm tiles from the saved log-sum-exps; the m x m part (Newton–Schulz
+// iterates and their exact derivative) runs as batched ATen (cuBLAS)
+// products. Steps:
+//   1. query side, every element: dq (direct part), partial dk̃ and dW;
+//   2. exact elements: dv from dW (their W is their values);
+//   3. the m x m part: dbv, dA and dc through every Newton–Schulz iteration,
+//      c's gradient to its column, the softmax of A: dq̃, dk̃;
+//   4. key side, Nyström elements: dk (direct part), dv, partial dq̃;
+//   5. each token's share of its landmark's gradient (segment means).
+// No step uses atomics: results are bitwise repeatable.
+#include "cuda/layout.h"
+#include "newton_schulz.h"
+#include "saved_tensors.h"
+
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace nystrom::cudaimpl {
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor> backward_cuda(
+    const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& q_landmarks,
+    const Tensor& k_landmarks, const Tensor& bv_in, const Tensor& zbv_in, const Tensor& lse_query,
+    const Tensor& lse_landmark, const Tensor& pinv_scale, int64_t num_landmarks, int64_t pinv_iterations,
+    c10::string_view pinv_init, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& query_padding_mask, std::optional<double> scale) {
+  constexpr const char* op = "nystrom_attention_backward";
+  const detail::BackwardCall call = detail::backward_prologue(
+      op, grad_out, query, key, value, q_landmarks, k_landmarks, bv_in, zbv_in, lse_query, lse_landmark, pinv_scale,
+      num_landmarks, pinv_iterations, pinv_init, key_padding_mask, query_padding_mask, scale);
+  const detail::Options& o = call.o;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const Tensor q = rows_contiguous(call.q), k = rows_contiguous(call.k), v = rows_contiguous(call.v),
+               dO = rows_contiguous(call.grad_out);
+  const int64_t B = call.B, H = call.H, L = call.L, S = call.S, D = call.D, Dv = call.Dv, ms = call.ms;
+  const auto& acc_opts = call.acc_opts;
+  const Tensor q_lm = call.q_landmarks.contiguous(), k_lm = call.k_landmarks.contiguous();
+  const Tensor bv = call.bv.contiguous(), zbv = call.zbv.contiguous();
+  const Tensor lse_q = call.lse_query.contiguous(), lse_l = call.lse_landmark.contiguous();
+  const Tensor& c_in = call.pinv_scale;
+
+  Tensor dq = at::zeros({B, H, L, D}, acc_opts);
+  Tensor dk = at::zeros({B, H, S, D}, acc_opts);
+  Tensor dv = at::zeros({B, H, S, Dv}, acc_opts);
+  auto finish = [&]() {
+    return std::make_tuple(dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()));
+  };
+  if (B == 0 || H == 0 || L == 0) return finish();
+  const Layout lay = make_layout(op, q, k, v, o, key_padding_mask, query_padding_mask);
+  const gpu::Problem& p = lay.p;
+  check_smem(op, gpu::backward_smem(lay.dt, p.D, p.Dv), q, D, Dv);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index),
+                    gv = view_of(dO, lay.q_index);
+  const int64_t rows = gpu::rows_per_block(lay.dt);
+
+  // Step 1. Query side, every element: dq (direct), dk̃ and dW partials.
+  const int64_t g1 = std::clamp<int64_t>((target_blocks() + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (L + rows - 1) / rows));
+  Tensor part_dkl = at::zeros({B * H, g1, ms, D}, acc_opts);
+  Tensor part_dw = at::zeros({B * H, g1, ms, Dv}, acc_opts);
+  check_launch(gpu::backward_query(lay.dt, p, qv, gv, k_lm.data_ptr(), zbv.data_ptr(), lse_q.data_ptr(),
+                                 static_cast<int>(g1), dq.data_ptr(), part_dkl.data_ptr(), part_dw.data_ptr(), stream),
+               op, "query side");
+  Tensor dkl = part_dkl.sum(1).view({B, H, ms, D});
+  Tensor dW = part_dw.sum(1).view({B, H, ms, Dv});
+  part_dkl.reset();
+  part_dw.reset();
+  // Step 2. Exact elements: W is their values, one token per "segment".
+  check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kExact, dW.data_ptr(), p.Dv,
+                                   lay.k_index.defined() ? lay.k_index.data_ptr<int>() : nullptr, dv.data_ptr(),
+                                   stream),
+               op, "value gradient of exact elements");
+
+  // Step 3. The m x m part (zero for elements off the Nyström path).
+  Tensor A = landmark_kernel_matrix(lay, q_lm, k_lm);
+  Tensor c = at::where(lay.nys.reshape({B, H}), c_in, at::ones({}, acc_opts)).view({B, H, 1, 1});
+  std::vector<Tensor> Z = detail::newton_schulz_iterates(A, c, o.pinv_iterations);
+  Tensor dbv = at::matmul(Z.back().transpose(-1, -2), dW);  // zbv = Z_T·bv
+  auto [dA, dc] = detail::newton_schulz_backward(A, c, Z, at::matmul(dW, bv.transpose(-1, -2)));
+  // c = the largest column sum of A: its gradient reaches that column (with
+  // "original", all heads' dc reach the first head attaining the maximum).
+  Tensor colsum = A.sum(-2);                          // (B, H, ms)
+  Tensor col = colsum.argmax(-1);                     // (B, H)
+  Tensor nysf = lay.nys.reshape({B, H}).to(acc_opts.dtype());
+  Tensor dcv = dc.view({B, H}).mul(nysf);
+  if (o.original_init) {
+    Tensor best = at::where(lay.nys.reshape({B, H}), colsum.amax(-1), at::full({}, -1.0, acc_opts)).view({-1});
+    Tensor arg = best.argmax();
+    Tensor total = dcv.sum();
+    dcv = at::zeros({B * H}, acc_opts).scatter_(0, arg.view({1}), total.view({1})).view({B, H});
+  }
+  Tensor onehot = at::one_hot(col, ms).to(acc_opts.dtype());  // (B, H, ms)
+  dA.add_(dcv.view({B, H, 1, 1}) * onehot.unsqueeze(-2));
+  Tensor dS = A * (dA - (A * dA).sum(-1, /*keepdim=*/true));
+  Tensor dql = at::matmul(dS, k_lm).mul_(o.scale);
+  dkl.add_(at::matmul(dS.transpose(-1, -2), q_lm).mul_(o.scale));
+  Tensor delta = (dbv * bv).sum(-1).contiguous();
+  dbv = dbv.contiguous();
+
+  // Step 4. Key side, Nyström elements: dk (direct), dv, dq̃ partials.
+  const int64_t g3 = std::clamp<int64_t>((target_blocks() + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (S + rows - 1) / rows));
+  Tensor part_dql = at::zeros({B * H, g3, ms, D}, acc_opts);
+  check_launch(gpu::backward_key(lay.dt, p, kv, vv, q_lm.data_ptr(), lse_l.data_ptr(), dbv.data_ptr(),
+                               delta.data_ptr(), static_cast<int>(g3), dk.data_ptr(), dv.data_ptr(),
+                               part_dql.data_ptr(), stream),
+               op, "key side");
+  dql.add_(part_dql.sum(1).view({B, H, ms, D}));
+  part_dql.reset();
+
+  // Step 5. Each token's share of its landmark's gradient (the landmark is a mean).
+  dkl = dkl.contiguous();
+  dql = dql.contiguous();
+  check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kAll, dkl.data_ptr(), p.D,
+                                   lay.k_index.defined() ? lay.k_index.data_ptr<int>() : nullptr, dk.data_ptr(),
+                                   stream),
+               op, "key landmark gradient");
+  check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kQuery, gpu::Only::kNystrom, dql.data_ptr(), p.D,
+                                   lay.q_index.defined() ? lay.q_index.data_ptr<int>() : nullptr, dq.data_ptr(),
+                                   stream),
+               op, "query landmark gradient");
+  return finish();
+}
+
+}  // namespace
+}  // namespace nystrom::cudaimpl
+
+TORCH_LIBRARY_IMPL(nystrom, CUDA, m) { m.impl("nystrom_attention_backward", &nystrom::cudaimpl::backward_cuda); }

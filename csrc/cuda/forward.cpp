@@ -1,0 +1,105 @@
+// CUDA kernel of nystrom_attention_forward: tensors in, launches of the
+// torch-free kernels (cuda/launchers.h) out, on the current stream of the
+// inputs' device (docs/DESIGN.md §7). Per call:
+//   1. padding: per-element real counts and index lists of the real rows
+//      (a stable sort of the mask), so kernels see only real tokens;
+//   2. landmarks q̃, k̃ (segment means; for elements on the exact path the
+//      "segments" are single tokens, so k̃ is the keys themselves and the
+//      pooled values W are the values);
+//   3. A = softmax(scale q̃ k̃ᵀ) and its column-sum scale c: m x m per head,
+//      batched ATen calls (cuBLAS);
+//   4. Bm·V: softmax over the keys with the key length split across thread
+//      blocks (online softmax partials, then a merge);
+//   5. Z = pinv(A) by Newton–Schulz (a fused shared-memory kernel for m up to
+//      64, or 128 in float32 where the GPU has the shared memory; batched
+//      cuBLAS products otherwise) and zbv = Z·bv;
+//   6. out = softmax(scale q k̃ᵀ)·W per query tile, with its log-sum-exp.
+// Nothing n x m or n x n is stored, and no step uses atomics: results are
+// bitwise repeatable.
+#include "cuda/layout.h"
+#include "newton_schulz.h"
+#include "saved_tensors.h"
+
+#include <torch/library.h>
+
+namespace nystrom::cudaimpl {
+namespace {
+
+ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor& value, int64_t num_landmarks,
+                           int64_t pinv_iterations, c10::string_view pinv_init,
+                           const std::optional<Tensor>& key_padding_mask,
+                           const std::optional<Tensor>& query_padding_mask, std::optional<double> scale) {
+  constexpr const char* op = "nystrom_attention_forward";
+  const detail::Call call = detail::forward_prologue(op, query, key, value, num_landmarks, pinv_iterations, pinv_init,
+                                                     key_padding_mask, query_padding_mask, scale);
+  const detail::Options& o = call.o;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const Tensor q = rows_contiguous(call.q), k = rows_contiguous(call.k), v = rows_contiguous(call.v);
+  const int64_t B = call.B, H = call.H, S = call.S, D = call.D, Dv = call.Dv, ms = call.ms;
+  detail::ForwardOutputs r =
+      detail::allocate_forward_outputs(q, k, v, num_landmarks, detail::Fill::kZeros, call.has_query_mask);
+  if (B == 0 || H == 0 || call.L == 0) return r.tuple();
+  const Layout lay = make_layout(op, q, k, v, o, key_padding_mask, query_padding_mask);
+  const gpu::Problem& p = lay.p;
+  check_smem(op, gpu::softmax_matmul_smem(lay.dt, p.D, p.Dv), q, D, Dv);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index);
+
+  // Step 2: landmarks; pooled values for the exact path.
+  Tensor v_lm = at::zeros({B, H, ms, Dv}, call.acc_opts);
+  check_launch(gpu::pool_landmarks(lay.dt, p, gpu::Side::kQuery, gpu::Only::kAll, qv, p.D, r.q_landmarks.data_ptr(),
+                                   stream),
+               op, "query landmarks");
+  check_launch(gpu::pool_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kAll, kv, p.D, r.k_landmarks.data_ptr(),
+                                   stream),
+               op, "key landmarks");
+  check_launch(gpu::pool_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kExact, vv, p.Dv, v_lm.data_ptr(), stream),
+               op, "values of exact elements");
+
+  // Step 3: A and c.
+  Tensor A = landmark_kernel_matrix(lay, r.q_landmarks, r.k_landmarks);
+  Tensor c = A.sum(-2).amax(-1);  // (B, H); 0 off the Nyström path
+  if (o.original_init) c = at::where(lay.nys.reshape({B, H}), c.amax(), c);
+  r.pinv_scale.copy_(c);
+  Tensor c_safe = at::where(lay.nys.reshape({B, H}), c, at::ones({}, c.options())).contiguous();
+
+  // Step 4: Bm·V with the keys split across blocks.
+  const int64_t rows = gpu::rows_per_block(lay.dt);
+  const int64_t per_head = (ms + rows - 1) / rows;
+  const int64_t splits =
+      std::clamp<int64_t>((target_blocks() + B * H * per_head - 1) / (B * H * per_head), 1,
+                          std::max<int64_t>(1, std::min<int64_t>(1024, S / 256)));
+  Tensor part_max = at::empty({B * H, splits, ms}, call.acc_opts);
+  Tensor part_sum = at::empty({B * H, splits, ms}, call.acc_opts);
+  Tensor part_acc = at::empty({B * H, splits, ms, Dv}, call.acc_opts);
+  check_launch(gpu::landmark_partials(lay.dt, p, r.q_landmarks.data_ptr(), kv, vv, static_cast<int>(splits),
+                                      part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(), stream),
+               op, "Bm·V partials");
+  check_launch(gpu::merge_partials(lay.dt, p, static_cast<int>(splits), part_max.data_ptr(), part_sum.data_ptr(),
+                                   part_acc.data_ptr(), r.bv.data_ptr(), r.lse_landmark.data_ptr(), stream),
+               op, "Bm·V merge");
+
+  // Step 5: Z = pinv(A), zbv = Z·bv.
+  const size_t ns_smem = gpu::newton_schulz_smem(lay.dt, static_cast<int>(ms));
+  if (ns_smem > 0 && ns_smem <= smem_limit()) {
+    const Tensor Ac = A.contiguous();
+    check_launch(gpu::newton_schulz_fused(lay.dt, static_cast<int>(B * H), static_cast<int>(ms), p.Dv,
+                                          static_cast<int>(o.pinv_iterations), Ac.data_ptr(), c_safe.data_ptr(),
+                                          r.bv.data_ptr(), r.zbv.data_ptr(), stream),
+                 op, "Newton–Schulz");
+  } else {
+    at::matmul_out(r.zbv, detail::newton_schulz_last(A, c_safe.view({B, H, 1, 1}), o.pinv_iterations), r.bv);
+  }
+  r.zbv.add_(v_lm);  // exact elements: W is their values (zbv is zero there)
+
+  // Step 6: out = softmax(scale q k̃ᵀ)·W.
+  check_launch(gpu::query_rows(lay.dt, p, qv, r.k_landmarks.data_ptr(), r.zbv.data_ptr(),
+                               mut_view_of(r.out, lay.q_index), r.lse_query.data_ptr(), stream),
+               op, "query rows");
+  return r.tuple();
+}
+
+}  // namespace
+}  // namespace nystrom::cudaimpl
+
+TORCH_LIBRARY_IMPL(nystrom, CUDA, m) { m.impl("nystrom_attention_forward", &nystrom::cudaimpl::forward_cuda); }

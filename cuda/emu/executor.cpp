@@ -1,0 +1,493 @@
+// The block executor of the CUDA emulation (see executor.h).
+#include "executor.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#if NYSTROM_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#define NYSTROM_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define NYSTROM_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define NYSTROM_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define NYSTROM_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
+namespace nystrom::emu::detail {
+
+__thread ThreadState tls;
+
+namespace {
+
+constexpr unsigned char kPoison = 0xFF;      // NaN in every floating type
+constexpr std::size_t kGuard = 64;           // poisoned bytes after every shared region
+constexpr std::size_t kStaticLimit = 48 * 1024;  // what a kernel may declare statically
+constexpr std::size_t kArena = kStaticLimit + 16 * 1024;  // + alignment and guards
+
+std::size_t round_up(std::size_t x, std::size_t a) { return (x + a - 1) / a * a; }
+
+std::uint64_t splitmix(std::uint64_t& s) {
+  std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+bool same_site(const Site& a, const Site& b) {
+  return a.line == b.line && (a.file == b.file || std::strcmp(a.file, b.file) == 0);
+}
+
+// "0-15, 17, 20-31"
+std::string ranges(const std::vector<int>& ids) {
+  std::string s;
+  for (std::size_t i = 0; i < ids.size();) {
+    std::size_t j = i;
+    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+    if (!s.empty()) s += ", ";
+    s += std::to_string(ids[i]);
+    if (j > i) s += "-" + std::to_string(ids[j]);
+    i = j + 1;
+  }
+  return s;
+}
+
+// The last two components of a path: enough to find the file, short enough to read.
+std::string short_path(const char* file) {
+  const char* end = file + std::strlen(file);
+  const char* p = end;
+  int slashes = 0;
+  while (p > file) {
+    if (p[-1] == '/' && ++slashes == 2) break;
+    --p;
+  }
+  return std::string(p, end);
+}
+
+Executor& current(const char* what) {
+  if (tls.executor == nullptr) outside_kernel(what);
+  return *static_cast<Executor*>(tls.executor);
+}
+
+}  // namespace
+
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::kShflXor: return "__shfl_xor_sync";
+    case Op::kSyncwarp: return "__syncwarp";
+    case Op::kWmmaFill: return "wmma::fill_fragment";
+    case Op::kWmmaLoad: return "wmma::load_matrix_sync";
+    case Op::kWmmaMma: return "wmma::mma_sync";
+    case Op::kWmmaStore: return "wmma::store_matrix_sync";
+  }
+  return "warp collective";
+}
+
+void outside_kernel(const char* what) {
+  std::fprintf(stderr, "nystrom emu: %s used outside a kernel launch\n", what);
+  std::abort();
+}
+
+Executor::Executor(std::size_t stack_bytes) : stacks_(stack_bytes) {
+  adopt_thread(main_);
+  static_arena_ = static_cast<unsigned char*>(std::aligned_alloc(128, kArena));
+  if (static_arena_ == nullptr) throw std::bad_alloc();
+}
+
+Executor::~Executor() {
+  NYSTROM_EMU_UNPOISON(static_arena_, kArena);
+  std::free(static_arena_);
+  if (dyn_ != nullptr) {
+    NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);
+    std::free(dyn_);
+  }
+}
+
+std::string Executor::where(const Site& s) const {
+  return short_path(s.file) + ":" + std::to_string(s.line) + " (in " + s.func + ")";
+}
+
+void Executor::enter(Fiber* f) {
+  current_ = f;
+  tls.thread_idx = f->tid;
+}
+
+void Executor::record(const Site* site, const std::string& what, cudaError_t code, bool sticky) {
+  if (faulted_) return;  // the first fault of a block is the one reported
+  faulted_ = true;
+  fault_.code = code;
+  fault_.sticky = sticky;
+  const LaunchSpec& spec = *job_->spec;
+  fault_.message = job_->kernel_name + " (launched at " + short_path(spec.file) + ":" + std::to_string(spec.line) +
+                   "), block (" + std::to_string(bid_.x) + "," + std::to_string(bid_.y) + "," +
+                   std::to_string(bid_.z) + ")";
+  if (current_ != nullptr) fault_.message += ", thread " + std::to_string(current_->linear);
+  fault_.message += ": " + what;
+  if (site != nullptr) fault_.message += " [at " + where(*site) + "]";
+}
+
+void Executor::fail(const Site* site, const std::string& what, cudaError_t code, bool sticky) {
+  record(site, what, code, sticky);
+  // The block is abandoned: the failing fiber never runs again, nor do the others.
+  Fiber* self = current_;
+  current_ = nullptr;
+  ++switches_;
+  jump(self->ctx, main_);
+  std::fputs("nystrom emu: an abandoned fiber was resumed\n", stderr);
+  std::abort();
+}
+
+void Executor::fiber_main() {
+  on_fiber_start();
+  auto* ex = static_cast<Executor*>(tls.executor);
+  ex->job_->spec->run(ex->job_->spec->bound);
+  ex->exit_current();
+}
+
+void Executor::exit_current() {
+  Fiber* self = current_;
+  self->state = State::kExited;
+  ++exited_;
+  ++warps_[static_cast<std::size_t>(self->warp)].exited;
+  Fiber* next = next_runnable();
+  if (next != nullptr) {
+    enter(next);
+  } else {
+    current_ = nullptr;
+  }
+  ++switches_;
+  finish_and_jump(self->ctx, next != nullptr ? next->ctx : main_);
+}
+
+void Executor::suspend(Fiber* self) {
+  Fiber* next = next_runnable();
+  if (next == self) return;
+  if (next != nullptr) {
+    enter(next);
+  } else {
+    current_ = nullptr;
+  }
+  ++switches_;
+  jump(self->ctx, next != nullptr ? next->ctx : main_);
+}
+
+Executor::Fiber* Executor::next_runnable() {
+  if (faulted_) return nullptr;
+  if (pos_ >= phase_.size()) {
+    Fiber* self = current_;
+    current_ = nullptr;  // resolve() records faults without jumping
+    const bool more = resolve();
+    current_ = self;
+    if (!more) return nullptr;
+  }
+  return &fibers_[static_cast<std::size_t>(phase_[pos_++])];
+}
+
+void Executor::order_phase() {
+  switch (job_->schedule.order) {
+    case Order::kInOrder: break;
+    case Order::kReversed: std::reverse(phase_.begin(), phase_.end()); break;
+    case Order::kRandom:
+      for (std::size_t i = phase_.size(); i > 1; --i) {
+        std::swap(phase_[i - 1], phase_[static_cast<std::size_t>(splitmix(rng_) % i)]);
+      }
+      break;
+  }
+}
+
+std::string Executor::describe_others(int warp_index) const {
+  std::vector<int> exited, at_barrier;
+  for (int l = 0; l < warps_[static_cast<std::size_t>(warp_index)].size; ++l) {
+    const Fiber& f = fibers_[static_cast<std::size_t>(warp_index * 32 + l)];
+    if (f.state == State::kExited) exited.push_back(l);
+    if (f.state == State::kAtBlockBarrier) at_barrier.push_back(l);
+  }
+  std::string s;
+  if (!exited.empty()) s += "lanes " + ranges(exited) + " have returned";
+  if (!at_barrier.empty()) {
+    if (!s.empty()) s += "; ";
+    s += "lanes " + ranges(at_barrier) + " wait at __syncthreads " + where(barrier_site_);
+  }
+  return s;
+}
+
+bool Executor::resolve() {
+  phase_.clear();
+  pos_ = 0;
+  for (std::size_t w = 0; w < warps_.size(); ++w) {
+    Warp& wp = warps_[w];
+    if (!wp.complete) continue;
+    for (int l = 0; l < wp.size; ++l) {
+      const int i = static_cast<int>(w) * 32 + l;
+      fibers_[static_cast<std::size_t>(i)].state = State::kRunnable;
+      phase_.push_back(i);
+    }
+    wp.complete = false;
+    wp.arrived = 0;
+  }
+  if (!phase_.empty()) {
+    order_phase();
+    return true;
+  }
+  for (std::size_t w = 0; w < warps_.size(); ++w) {
+    const Warp& wp = warps_[w];
+    if (wp.arrived == 0) continue;
+    std::vector<int> waiting;
+    for (int l = 0; l < wp.size; ++l) {
+      if (fibers_[w * 32 + static_cast<std::size_t>(l)].state == State::kAtWarpCollective) waiting.push_back(l);
+    }
+    record(&wp.site, std::string("divergent warp collective: ") + op_name(wp.op) + " is reached by lanes " +
+                       ranges(waiting) + " of warp " + std::to_string(w) + " only; " +
+                       describe_others(static_cast<int>(w)));
+    return false;
+  }
+  if (at_barrier_ == 0) return false;  // every thread has returned
+  if (exited_ > 0) {
+    std::vector<int> gone;
+    for (const Fiber& f : fibers_) {
+      if (f.state == State::kExited) gone.push_back(f.linear);
+    }
+    record(&barrier_site_, "divergent __syncthreads: reached by " + std::to_string(at_barrier_) + " of " +
+                             std::to_string(nthreads_) + " threads; threads " + ranges(gone) +
+                             " have returned without reaching it");
+    return false;
+  }
+  for (int i = 0; i < nthreads_; ++i) {
+    fibers_[static_cast<std::size_t>(i)].state = State::kRunnable;
+    phase_.push_back(i);
+  }
+  at_barrier_ = 0;
+  order_phase();
+  return true;
+}
+
+void Executor::syncthreads(const Site& site) {
+  Fiber* self = current_;
+  if (at_barrier_ == 0) {
+    barrier_site_ = site;
+  } else if (!same_site(site, barrier_site_)) {
+    fail(&site, "divergent __syncthreads: this thread reaches it while " + std::to_string(at_barrier_) +
+                    " thread(s) wait at the __syncthreads " + where(barrier_site_));
+  }
+  self->state = State::kAtBlockBarrier;
+  self->site = site;
+  ++at_barrier_;
+  suspend(self);
+}
+
+void Executor::collective(Op op, const Site& site, const LaneArgs& mine, Complete complete) {
+  Fiber* self = current_;
+  Warp& w = warps_[static_cast<std::size_t>(self->warp)];
+  if (w.size != 32) {
+    fail(&site, std::string(op_name(op)) + " needs 32 lanes, but warp " + std::to_string(self->warp) +
+                    " of this block has " + std::to_string(w.size) + " (blockDim is not a multiple of 32)");
+  }
+  if (w.arrived == 0) {
+    w.op = op;
+    w.site = site;
+    w.fn = complete;
+  } else if (w.op != op || !same_site(w.site, site)) {
+    fail(&site, std::string("divergent warp collective: lane ") + std::to_string(self->lane) + " reaches " +
+                    op_name(op) + " while " + std::to_string(w.arrived) + " lane(s) of warp " +
+                    std::to_string(self->warp) + " wait at " + op_name(w.op) + " " + where(w.site));
+  }
+  w.lanes[self->lane] = mine;
+  self->state = State::kAtWarpCollective;
+  self->op = op;
+  self->site = site;
+  if (++w.arrived == 32) {
+    complete(w.lanes, site);  // may fail(): then the block ends here
+    w.complete = true;
+  }
+  suspend(self);
+}
+
+void Executor::prepare_shared() {
+  const std::size_t smem = job_->spec->smem;
+  const std::size_t need = round_up(smem + kGuard, 128);
+  if (need > dyn_cap_) {
+    if (dyn_ != nullptr) {
+      NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);
+      std::free(dyn_);
+    }
+    dyn_ = static_cast<unsigned char*>(std::aligned_alloc(128, need));
+    if (dyn_ == nullptr) throw std::bad_alloc();
+    dyn_cap_ = need;
+  }
+  NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);
+  std::memset(dyn_, kPoison, smem + kGuard);
+  NYSTROM_EMU_POISON(dyn_ + smem, dyn_cap_ - smem);
+  dyn_bytes_ = smem;
+  slots_.clear();
+  static_end_ = 0;
+  static_bytes_ = 0;
+  NYSTROM_EMU_POISON(static_arena_, kArena);
+}
+
+void* Executor::static_shared(const void* key, std::size_t size, std::size_t align, const Site& site) {
+  for (const StaticSlot& s : slots_) {
+    if (s.key == key) return static_arena_ + s.offset;
+  }
+  static_bytes_ = round_up(static_bytes_, align) + size;
+  if (static_bytes_ > kStaticLimit) {
+    fail(&site, "static shared memory reaches " + std::to_string(static_bytes_) +
+                    " bytes, above the 48 KiB a kernel may declare (ptxas rejects such a kernel)",
+         cudaErrorLaunchOutOfResources, false);
+  }
+  const Profile& p = job_->profile;
+  const bool opted_in = job_->max_dynamic_smem >= 0;
+  const std::size_t cap = opted_in ? static_cast<std::size_t>(p.smem_optin) : static_cast<std::size_t>(p.smem_per_block);
+  if (static_bytes_ + dyn_bytes_ > cap) {
+    fail(&site, std::to_string(static_bytes_) + " bytes of static and " + std::to_string(dyn_bytes_) +
+                    " of dynamic shared memory exceed the " + std::to_string(cap) + " bytes a block may use on " +
+                    p.arch + (opted_in ? "" : " without cudaFuncAttributeMaxDynamicSharedMemorySize"),
+         cudaErrorInvalidValue, false);
+  }
+  const std::size_t offset = round_up(static_end_, std::max<std::size_t>(align, 16));
+  if (offset + size + kGuard > kArena) {
+    fail(&site, "too many static __shared__ declarations for the emulator's arena", cudaErrorLaunchOutOfResources,
+         false);
+  }
+  NYSTROM_EMU_UNPOISON(static_arena_ + offset, size + kGuard);
+  std::memset(static_arena_ + offset, kPoison, size + kGuard);
+  NYSTROM_EMU_POISON(static_arena_ + offset + size, kGuard);
+  static_end_ = offset + size + kGuard;
+  slots_.push_back(StaticSlot{key, offset, size});
+  return static_arena_ + offset;
+}
+
+bool Executor::check_guards(Fault* fault) {
+#if NYSTROM_EMU_ASAN
+  (void)fault;  // the guards are poisoned: ASan has already reported any access
+  return true;
+#else
+  auto intact = [](const unsigned char* g) {
+    for (std::size_t i = 0; i < kGuard; ++i) {
+      if (g[i] != kPoison) return false;
+    }
+    return true;
+  };
+  std::string what;
+  if (!intact(dyn_ + dyn_bytes_)) {
+    what = "a thread wrote past the end of the block's " + std::to_string(dyn_bytes_) +
+           " bytes of dynamic shared memory (the launch's smem argument)";
+  }
+  for (const StaticSlot& s : slots_) {
+    if (what.empty() && !intact(static_arena_ + s.offset + s.size)) {
+      what = "a thread wrote past the end of a static __shared__ array of " + std::to_string(s.size) + " bytes";
+    }
+  }
+  if (what.empty()) return true;
+  record(nullptr, what);
+  *fault = fault_;
+  return false;
+#endif
+}
+
+bool Executor::run_block(const Job& job, long long linear, Fault* fault) {
+  job_ = &job;
+  if (job.serial != job_serial_) {
+    job_serial_ = job.serial;
+    static_max_ = 0;
+  }
+  const dim3 g = job.spec->grid, b = job.spec->block;
+  bid_ = uint3{static_cast<unsigned>(linear % g.x), static_cast<unsigned>((linear / g.x) % g.y),
+               static_cast<unsigned>(linear / (static_cast<long long>(g.x) * g.y))};
+  nthreads_ = job.threads_per_block;
+  faulted_ = false;
+  fault_ = Fault{};
+  current_ = nullptr;
+  if (!stacks_.reserve(nthreads_)) {
+    record(nullptr, "cannot map " + std::to_string(nthreads_) + " fiber stacks", cudaErrorMemoryAllocation, false);
+    *fault = fault_;
+    return false;
+  }
+  fibers_.resize(static_cast<std::size_t>(nthreads_));
+  for (int i = 0; i < nthreads_; ++i) {
+    Fiber& f = fibers_[static_cast<std::size_t>(i)];
+    const unsigned u = static_cast<unsigned>(i);
+    f.tid = uint3{u % b.x, (u / b.x) % b.y, u / (b.x * b.y)};
+    f.linear = i;
+    f.warp = i / 32;
+    f.lane = i % 32;
+    f.state = State::kRunnable;
+    prepare(f.ctx, stacks_.lo(i), stacks_.size(), &Executor::fiber_main);
+  }
+  warps_.resize(static_cast<std::size_t>((nthreads_ + 31) / 32));
+  for (std::size_t w = 0; w < warps_.size(); ++w) {
+    warps_[w].size = std::min(32, nthreads_ - static_cast<int>(w) * 32);
+    warps_[w].arrived = warps_[w].exited = 0;
+    warps_[w].complete = false;
+  }
+  at_barrier_ = exited_ = 0;
+  rng_ = job.schedule.seed * 0xD1B54A32D192ED03ull + static_cast<std::uint64_t>(linear);
+  prepare_shared();
+
+  tls.executor = this;
+  tls.block_idx = bid_;
+  tls.block_dim = uint3{b.x, b.y, b.z};
+  tls.grid_dim = uint3{g.x, g.y, g.z};
+  phase_.resize(static_cast<std::size_t>(nthreads_));
+  for (int i = 0; i < nthreads_; ++i) phase_[static_cast<std::size_t>(i)] = i;
+  order_phase();
+  pos_ = 0;
+  Fiber* first = &fibers_[static_cast<std::size_t>(phase_[pos_++])];
+  enter(first);
+  ++switches_;
+  jump(main_, first->ctx);
+  // Back on the host stack: every thread has returned, or the block failed.
+  tls.executor = nullptr;
+  current_ = nullptr;
+  if (faulted_) {
+    for (int i = 0; i < nthreads_; ++i) {
+      if (fibers_[static_cast<std::size_t>(i)].state != State::kExited) stacks_.unpoison(i);
+    }
+    *fault = fault_;
+    return false;
+  }
+  if (!check_guards(fault)) return false;
+  static_max_ = std::max(static_max_, static_bytes_);
+  return true;
+}
+
+// ------------------------------------------------------------ device API ----
+void syncthreads(Site site) { current("__syncthreads").syncthreads(site); }
+
+void collective(Op op, Site site, const LaneArgs& mine, Complete complete) {
+  current(op_name(op)).collective(op, site, mine, complete);
+}
+
+void fail(const Site& site, const std::string& what) { current("a kernel check").fail(&site, what); }
+
+unsigned char* dynamic_shared(Site) { return current("dynamic shared memory").dynamic_shared(); }
+
+void* static_shared(const void* key, std::size_t size, std::size_t align, Site site) {
+  return current("static shared memory").static_shared(key, size, align, site);
+}
+
+std::uint64_t shfl_xor(unsigned mask, std::uint64_t bits, int lane_mask, int width, Site site) {
+  if (mask != 0xffffffffu) fail(site, "__shfl_xor_sync with a partial mask is not emulated (only 0xffffffff)");
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
+    fail(site, "__shfl_xor_sync: width " + std::to_string(width) + " is not a power of two up to 32");
+  }
+  std::uint64_t result = 0;
+  LaneArgs a;
+  a.value = bits;
+  a.out = &result;
+  a.lane_mask = lane_mask;
+  a.width = width;
+  collective(Op::kShflXor, site, a, [](LaneArgs* lanes, const Site&) {
+    for (int l = 0; l < 32; ++l) {
+      // PTX shfl.bfly: a source above the end of the lane's width-segment gives the lane's own value.
+      const int src = l ^ lanes[l].lane_mask;
+      const int last = (l & ~(lanes[l].width - 1)) | (lanes[l].width - 1);
+      *static_cast<std::uint64_t*>(lanes[l].out) = lanes[src >= 0 && src <= last ? src : l].value;
+    }
+  });
+  return result;
+}
+
+}  // namespace nystrom::emu::detail

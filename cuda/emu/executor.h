@@ -1,0 +1,146 @@
+// The block executor of the CUDA emulation: runs the threads of one thread
+// block as fibers on the calling OS thread. Internal (cuda/emu/*.cpp only).
+//
+// Scheduling. The threads run one at a time; a thread runs until it reaches
+// a barrier (__syncthreads, or a warp collective: shuffle, __syncwarp, WMMA)
+// or returns. When no thread is runnable the block is quiescent, and the
+// barriers are resolved: every warp whose 32 lanes wait at one collective
+// is released (the collective itself ran when its last lane arrived); if no
+// warp is, and every live thread waits at one __syncthreads, the block is.
+// The released threads form the next phase, run in the order the schedule
+// gives: ascending thread index, descending, or a permutation drawn from a
+// generator seeded by (seed, block index). A block's run thus depends only
+// on its own index and the schedule, on any OS thread.
+//
+// Divergence. At quiescence, a warp whose lanes wait at a collective while
+// others have exited or wait elsewhere, or a __syncthreads that some thread
+// exited before, is a fault; so is a thread that arrives at a barrier of a
+// different site or kind than the others already waiting there.
+#pragma once
+
+#include "device.h"
+#include "fiber.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace nystrom::emu::detail {
+
+/// One launch, as every executor sees it.
+struct Job {
+  std::uint64_t serial;      // distinct for every launch
+  const LaunchSpec* spec;
+  std::string kernel_name;   // for messages
+  Schedule schedule;
+  Profile profile;
+  int max_dynamic_smem;      // the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize
+  int threads_per_block;
+  long long blocks;
+};
+
+/// How a block (and hence the launch) went wrong.
+struct Fault {
+  cudaError_t code = cudaSuccess;
+  bool sticky = false;       // a fault in kernel code, as opposed to a refused configuration
+  std::string message;
+};
+
+class Executor {
+ public:
+  explicit Executor(std::size_t stack_bytes);
+  ~Executor();
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
+
+  /// Runs block `linear` (x fastest) of the job; false with *fault set if it failed.
+  bool run_block(const Job& job, long long linear, Fault* fault);
+
+  /// Largest static shared memory (bytes) a block of the current job declared.
+  std::size_t static_smem_seen() const { return static_max_; }
+  std::uint64_t switches() const { return switches_; }
+
+  // The device API, called by the current fiber.
+  void syncthreads(const Site& site);
+  void collective(Op op, const Site& site, const LaneArgs& mine, Complete complete);
+  /// Records a fault of the block (the first one counts); fail() also abandons the block.
+  void record(const Site* site, const std::string& what, cudaError_t code = cudaErrorLaunchFailure,
+              bool sticky = true);
+  [[noreturn]] void fail(const Site* site, const std::string& what, cudaError_t code = cudaErrorLaunchFailure,
+                         bool sticky = true);
+  unsigned char* dynamic_shared() const { return dyn_; }
+  void* static_shared(const void* key, std::size_t size, std::size_t align, const Site& site);
+
+ private:
+  enum class State : std::uint8_t { kRunnable, kAtBlockBarrier, kAtWarpCollective, kExited };
+  struct Fiber {
+    Context ctx;
+    uint3 tid;
+    int linear, warp, lane;
+    State state;
+    Op op;
+    Site site;
+  };
+  struct Warp {
+    int size, arrived, exited;
+    bool complete;
+    Op op;
+    Site site;
+    Complete fn;
+    LaneArgs lanes[32];
+  };
+  struct StaticSlot {
+    const void* key;
+    std::size_t offset, size;
+  };
+
+  static void fiber_main();
+  [[noreturn]] void exit_current();
+  void suspend(Fiber* self);
+  Fiber* next_runnable();
+  bool resolve();
+  void order_phase();
+  void enter(Fiber* f);
+  std::string describe_others(int warp_index) const;
+  std::string where(const Site& s) const;
+  void prepare_shared();
+  bool check_guards(Fault* fault);
+
+  StackPool stacks_;
+  Context main_;
+  std::vector<Fiber> fibers_;
+  std::vector<Warp> warps_;
+  std::vector<int> phase_;
+  std::size_t pos_ = 0;
+  Fiber* current_ = nullptr;
+
+  const Job* job_ = nullptr;
+  uint3 bid_{};
+  int nthreads_ = 0;
+  int at_barrier_ = 0, exited_ = 0;
+  Site barrier_site_{};
+  std::uint64_t rng_ = 0;
+  bool faulted_ = false;
+  Fault fault_;
+
+  // Shared memory: dynamic region + guard, static arena with guards between slots.
+  unsigned char* dyn_ = nullptr;
+  std::size_t dyn_cap_ = 0, dyn_bytes_ = 0;
+  unsigned char* static_arena_ = nullptr;
+  std::vector<StaticSlot> slots_;
+  std::size_t static_end_ = 0;    // arena offset past the last slot's guard
+  std::size_t static_bytes_ = 0;  // bytes declared (what counts against the limit)
+  std::size_t static_max_ = 0;
+  std::uint64_t job_serial_ = 0;
+
+  std::uint64_t switches_ = 0;
+};
+
+/// The executor of the calling OS thread (created on first use).
+Executor& this_thread_executor();
+/// Size of every fiber stack (NYSTROM_EMU_STACK_KIB, default 256 KiB).
+std::size_t fiber_stack_bytes();
+
+}  // namespace nystrom::emu::detail
