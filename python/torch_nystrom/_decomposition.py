@@ -97,6 +97,18 @@ def check_arguments(
     return s
 
 
+def landmark_slots(m: int, L, S) -> int:
+    """Landmark rows per element: min(m, max(L, S)), as the op saves them; m under symbolic sizes.
+
+    (torch.export cannot prove the size guards that min(m, max(L, S)) raises in the
+    broadcasts below, so a traced graph keeps m slots: the same results, the slots past
+    max(L, S) unused.)
+    """
+    if isinstance(L, int) and isinstance(S, int):
+        return min(m, max(L, S))
+    return m
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, else float32 (DESIGN.md, Numerics)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -171,7 +183,7 @@ def landmarks(q: Tensor, k: Tensor, m: int, pinv_iterations: int, pinv_init: str
     """Landmarks, A, c and Z of DESIGN.md steps 2–4 for q (B,H,L,D), k (B,H,S,D) in the compute dtype."""
     B, H, L, _ = q.shape
     S = k.shape[2]
-    ms = torch.sym_min(m, torch.sym_max(L, S))
+    ms = landmark_slots(m, L, S)
     qseg = segments(query_padding_mask, B, L, m, ms, q.device)
     kseg = segments(key_padding_mask, B, S, m, ms, q.device)
     q_lm = segment_means(q, qseg)
@@ -219,8 +231,9 @@ def decomposed_nystrom_attention_forward(
     """``torch.ops.nystrom.nystrom_attention_forward`` in plain PyTorch ops: the same eight outputs.
 
     ``(out, q_landmarks, k_landmarks, bv, zbv, lse_query, lse_landmark, pinv_scale)``
-    with the op's shapes (``ms = min(m, max(L, S))`` landmark rows), dtypes and
-    zeros (unused landmark rows, padded query rows, exact-path elements).
+    with the op's shapes (``ms = min(m, max(L, S))`` landmark rows; ``m`` rows when
+    traced with symbolic sizes), dtypes and zeros (unused landmark rows, padded query
+    rows, exact-path elements).
     """
     fn = "decomposed_nystrom_attention"
     s = check_arguments(fn, query, key, value, num_landmarks, pinv_iterations, pinv_init,
@@ -228,7 +241,7 @@ def decomposed_nystrom_attention_forward(
     acc = accumulate_dtype(query.dtype)
     B, H, L, D = query.shape
     S, Dv = key.shape[2], value.shape[3]
-    ms = torch.sym_min(num_landmarks, torch.sym_max(L, S))
+    ms = landmark_slots(num_landmarks, L, S)
     if B * H == 0 or L == 0:
         z = lambda *shape: torch.zeros(*shape, dtype=acc, device=query.device)  # noqa: E731
         return (torch.zeros(B, H, L, Dv, dtype=query.dtype, device=query.device), z(B, H, ms, D), z(B, H, ms, D),

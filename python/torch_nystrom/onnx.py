@@ -120,8 +120,9 @@ class _TorchScriptGraph(_Graph):
         return torch.onnx.JitScalarType.from_value(value).dtype()
 
     def static_size(self, value, dim):
-        sizes = value.type().sizes() if value.type().kind() == "TensorType" else None
-        return sizes[dim] if sizes is not None and sizes[dim] is not None else None
+        from torch.onnx import symbolic_helper
+
+        return symbolic_helper._get_tensor_dim_size(value, dim)
 
 
 def _build(g: _Graph, query, key, value, m: int, iterations: int, pinv_init: str, key_padding_mask,
