@@ -194,17 +194,20 @@ __global__ void __launch_bounds__(kThreads, 1) merge_kernel(Problem p, int bh0, 
   const int64_t base = static_cast<int64_t>(bh) * splits * p.ms + i;  // slot of split s: base + s*ms
   A M = neg_inf<A>();
   for (int s = 0; s < splits; ++s) M = max(M, part_max[base + static_cast<int64_t>(s) * p.ms]);
+  // A split without keys has maximum -inf and sum 0, and is left out. Every
+  // other split takes part, also one whose statistics are NaN (a NaN among
+  // its keys): the result then carries the NaN, as on the CPU.
   A l = A(0);
   for (int s = 0; s < splits; ++s) {
     const int64_t slot = base + static_cast<int64_t>(s) * p.ms;
-    if (part_sum[slot] > A(0)) l += part_sum[slot] * exp_acc(part_max[slot] - M);
+    if (part_max[slot] != neg_inf<A>()) l += part_sum[slot] * exp_acc(part_max[slot] - M);
   }
   const A inv = A(1) / l;
   for (int j = threadIdx.x; j < p.Dv; j += kThreads) {
     A acc = A(0);
     for (int s = 0; s < splits; ++s) {
       const int64_t slot = base + static_cast<int64_t>(s) * p.ms;
-      if (part_sum[slot] > A(0)) acc += part_acc[slot * p.Dv + j] * exp_acc(part_max[slot] - M);
+      if (part_max[slot] != neg_inf<A>()) acc += part_acc[slot * p.Dv + j] * exp_acc(part_max[slot] - M);
     }
     bv[(static_cast<int64_t>(bh) * p.ms + i) * p.Dv + j] = acc * inv;
   }

@@ -29,9 +29,15 @@ cudaError_t for_head_slices(int heads, F&& launch) {
   return cudaSuccess;
 }
 
+// Opts the kernel in to `bytes` of dynamic shared memory. A refusal is
+// returned, and taken off the runtime's last-error slot so that it is not
+// reported later as the error of unrelated code.
 template <typename Kernel>
 cudaError_t set_smem(Kernel kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
 }
 
 template <typename T>
@@ -113,6 +119,17 @@ cudaError_t tc_forward(const ForwardArgs& args, int grid_x, int tiles_per_block,
   });
 }
 
+// Whether the tensor-core kernel of one pass serves the problem: its shape
+// (forward_tc_kernels.cuh) and its shared memory on this device (D = Dv = 128
+// needs about 104 KiB, more than the 99 KiB of sm_86/sm_89/sm_120; the
+// generic kernels serve those GPUs instead).
+template <typename T, bool kLandmarkPass>
+bool tc_usable(const Problem& p) {
+  if (!p.tensor_cores || !tc_shape_supported(p.D, p.Dv, p.ms)) return false;
+  const size_t need = kLandmarkPass ? tc_landmark_smem<T>(p.D, p.Dv) : tc_query_smem<T>(p.D, p.Dv);
+  return need <= p.smem_optin;
+}
+
 template <typename T>
 cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, RowsView v, int splits,
                                 void* part_max, void* part_sum, void* part_acc, cudaStream_t stream) {
@@ -126,7 +143,7 @@ cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, 
   a.part_acc = part_acc;
   a.splits = splits;
   if constexpr (is_half<T>()) {
-    if (p.tensor_cores && tc_shape_supported(p.D, p.Dv, p.ms)) return tc_forward<T, true>(a, 1, 1, stream);
+    if (tc_usable<T, true>(p)) return tc_forward<T, true>(a, 1, 1, stream);
   }
   const int BR = kWarps * rpw<T>();
   return forward_t<T, true>(a, (p.ms + BR - 1) / BR, splits, stream);
@@ -155,14 +172,12 @@ cudaError_t query_rows_t(const Problem& p, RowsView q, const void* k_lm, const v
   a.lse = lse_q;
   a.splits = 1;
   if constexpr (is_half<T>()) {
-    if (p.tensor_cores && tc_shape_supported(p.D, p.Dv, p.ms)) {
+    if (tc_usable<T, false>(p)) {
       // Enough blocks to fill the GPU; beyond that a block walks several
       // tiles, converting k̃ and W into shared memory once for all of them.
-      int device = 0, sms = 132;
-      cudaGetDevice(&device);
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      const int64_t sms = p.sm_count > 0 ? p.sm_count : 1;
       const int64_t tiles = (p.L + kTcWarps * kTcRows - 1) / (kTcWarps * kTcRows);
-      const int64_t per = std::clamp<int64_t>(tiles * p.B * p.H / (8 * static_cast<int64_t>(sms)), 1, 8);
+      const int64_t per = std::clamp<int64_t>(tiles * p.B * p.H / (8 * sms), 1, 8);
       return tc_forward<T, false>(a, static_cast<int>((tiles + per - 1) / per), static_cast<int>(per), stream);
     }
   }

@@ -52,6 +52,10 @@ struct Problem {
   const int* q_count = nullptr;  // (B) real queries, or null: all L
   const int* k_count = nullptr;  // (B) real keys, or null: all S
   bool tensor_cores = true;      // float16/bfloat16: tensor-core forward where the shape allows
+  // The device, as the glue read it from its properties (the launchers make
+  // no device query of their own, so no error state is left behind):
+  int sm_count = 132;            // multiprocessors: grids are sized to fill them
+  size_t smem_optin = 48 * 1024; // most dynamic shared memory a block may opt in to
 };
 
 /// Which side of the attention a per-token operation works on.

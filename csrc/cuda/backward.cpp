@@ -33,6 +33,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
       num_landmarks, pinv_iterations, pinv_init, key_padding_mask, query_padding_mask, scale);
   const detail::Options& o = call.o;
   const c10::cuda::CUDAGuard guard(query.device());
+  clear_pending_error(op);
   const Tensor q = rows_contiguous(call.q), k = rows_contiguous(call.k), v = rows_contiguous(call.v),
                dO = rows_contiguous(call.grad_out);
   const int64_t B = call.B, H = call.H, L = call.L, S = call.S, D = call.D, Dv = call.Dv, ms = call.ms;
@@ -51,14 +52,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   if (B == 0 || H == 0 || L == 0) return finish();
   const Layout lay = make_layout(op, q, k, v, o, key_padding_mask, query_padding_mask);
   const gpu::Problem& p = lay.p;
-  check_smem(op, gpu::backward_smem(lay.dt, p.D, p.Dv), q, D, Dv);
+  check_smem(op, lay, gpu::backward_smem(lay.dt, p.D, p.Dv), q);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index),
                     gv = view_of(dO, lay.q_index);
   const int64_t rows = gpu::rows_per_block(lay.dt);
 
   // Step 1. Query side, every element: dq (direct), dk̃ and dW partials.
-  const int64_t g1 = std::clamp<int64_t>((target_blocks() + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (L + rows - 1) / rows));
+  const int64_t g1 = std::clamp<int64_t>((target_blocks(lay) + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (L + rows - 1) / rows));
   Tensor part_dkl = at::zeros({B * H, g1, ms, D}, acc_opts);
   Tensor part_dw = at::zeros({B * H, g1, ms, Dv}, acc_opts);
   check_launch(gpu::backward_query(lay.dt, p, qv, gv, k_lm.data_ptr(), zbv.data_ptr(), lse_q.data_ptr(),
@@ -74,34 +75,38 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
                                    stream),
                op, "value gradient of exact elements");
 
-  // Step 3. The m x m part (zero for elements off the Nyström path).
-  Tensor A = landmark_kernel_matrix(lay, q_lm, k_lm);
-  Tensor c = at::where(lay.nys.reshape({B, H}), c_in, at::ones({}, acc_opts)).view({B, H, 1, 1});
+  // Step 3. The m x m part (zero for elements off the Nyström path), in
+  // float64 when torch's TF32 switches would round float32 products (layout.h).
+  const at::ScalarType mt = m_by_m_in_float64(q_lm) ? at::kDouble : call.acc;
+  const auto m_opts = acc_opts.dtype(mt);
+  const Tensor q_lm_m = q_lm.to(mt), k_lm_m = k_lm.to(mt), bv_m = bv.to(mt), dW_m = dW.to(mt);
+  Tensor A = landmark_kernel_matrix(lay, q_lm_m, k_lm_m);
+  Tensor c = at::where(lay.nys.reshape({B, H}), c_in.to(mt), at::ones({}, m_opts)).view({B, H, 1, 1});
   std::vector<Tensor> Z = detail::newton_schulz_iterates(A, c, o.pinv_iterations);
-  Tensor dbv = at::matmul(Z.back().transpose(-1, -2), dW);  // zbv = Z_T·bv
-  auto [dA, dc] = detail::newton_schulz_backward(A, c, Z, at::matmul(dW, bv.transpose(-1, -2)));
+  Tensor dbv = at::matmul(Z.back().transpose(-1, -2), dW_m);  // zbv = Z_T·bv
+  auto [dA, dc] = detail::newton_schulz_backward(A, c, Z, at::matmul(dW_m, bv_m.transpose(-1, -2)));
   // c = the largest column sum of A: its gradient reaches that column (with
   // "original", all heads' dc reach the first head attaining the maximum).
   Tensor colsum = A.sum(-2);                          // (B, H, ms)
   Tensor col = colsum.argmax(-1);                     // (B, H)
-  Tensor nysf = lay.nys.reshape({B, H}).to(acc_opts.dtype());
+  Tensor nysf = lay.nys.reshape({B, H}).to(mt);
   Tensor dcv = dc.view({B, H}).mul(nysf);
   if (o.original_init) {
-    Tensor best = at::where(lay.nys.reshape({B, H}), colsum.amax(-1), at::full({}, -1.0, acc_opts)).view({-1});
+    Tensor best = at::where(lay.nys.reshape({B, H}), colsum.amax(-1), at::full({}, -1.0, m_opts)).view({-1});
     Tensor arg = best.argmax();
     Tensor total = dcv.sum();
-    dcv = at::zeros({B * H}, acc_opts).scatter_(0, arg.view({1}), total.view({1})).view({B, H});
+    dcv = at::zeros({B * H}, m_opts).scatter_(0, arg.view({1}), total.view({1})).view({B, H});
   }
-  Tensor onehot = at::one_hot(col, ms).to(acc_opts.dtype());  // (B, H, ms)
+  Tensor onehot = at::one_hot(col, ms).to(mt);  // (B, H, ms)
   dA.add_(dcv.view({B, H, 1, 1}) * onehot.unsqueeze(-2));
   Tensor dS = A * (dA - (A * dA).sum(-1, /*keepdim=*/true));
-  Tensor dql = at::matmul(dS, k_lm).mul_(o.scale);
-  dkl.add_(at::matmul(dS.transpose(-1, -2), q_lm).mul_(o.scale));
-  Tensor delta = (dbv * bv).sum(-1).contiguous();
-  dbv = dbv.contiguous();
+  Tensor dql = at::matmul(dS, k_lm_m).mul_(o.scale).to(call.acc);
+  dkl.add_(at::matmul(dS.transpose(-1, -2), q_lm_m).mul_(o.scale).to(call.acc));
+  Tensor delta = (dbv * bv_m).sum(-1).to(call.acc).contiguous();
+  dbv = dbv.to(call.acc).contiguous();
 
   // Step 4. Key side, Nyström elements: dk (direct), dv, dq̃ partials.
-  const int64_t g3 = std::clamp<int64_t>((target_blocks() + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (S + rows - 1) / rows));
+  const int64_t g3 = std::clamp<int64_t>((target_blocks(lay) + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (S + rows - 1) / rows));
   Tensor part_dql = at::zeros({B * H, g3, ms, D}, acc_opts);
   check_launch(gpu::backward_key(lay.dt, p, kv, vv, q_lm.data_ptr(), lse_l.data_ptr(), dbv.data_ptr(),
                                delta.data_ptr(), static_cast<int>(g3), dk.data_ptr(), dv.data_ptr(),
@@ -121,6 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
                                    lay.q_index.defined() ? lay.q_index.data_ptr<int>() : nullptr, dq.data_ptr(),
                                    stream),
                op, "query landmark gradient");
+  fill_rows_without_keys(lay, dq, query_padding_mask);
   return finish();
 }
 

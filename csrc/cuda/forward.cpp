@@ -34,6 +34,7 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
                                                      key_padding_mask, query_padding_mask, scale);
   const detail::Options& o = call.o;
   const c10::cuda::CUDAGuard guard(query.device());
+  clear_pending_error(op);
   const Tensor q = rows_contiguous(call.q), k = rows_contiguous(call.k), v = rows_contiguous(call.v);
   const int64_t B = call.B, H = call.H, S = call.S, D = call.D, Dv = call.Dv, ms = call.ms;
   detail::ForwardOutputs r =
@@ -41,7 +42,7 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   if (B == 0 || H == 0 || call.L == 0) return r.tuple();
   const Layout lay = make_layout(op, q, k, v, o, key_padding_mask, query_padding_mask);
   const gpu::Problem& p = lay.p;
-  check_smem(op, gpu::softmax_matmul_smem(lay.dt, p.D, p.Dv), q, D, Dv);
+  check_smem(op, lay, gpu::softmax_matmul_smem(lay.dt, p.D, p.Dv), q);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index);
 
@@ -56,8 +57,10 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   check_launch(gpu::pool_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kExact, vv, p.Dv, v_lm.data_ptr(), stream),
                op, "values of exact elements");
 
-  // Step 3: A and c.
-  Tensor A = landmark_kernel_matrix(lay, r.q_landmarks, r.k_landmarks);
+  // Step 3: A and c, in float64 when torch's TF32 switches would round
+  // float32 products (layout.h).
+  const at::ScalarType mt = m_by_m_in_float64(r.q_landmarks) ? at::kDouble : call.acc;
+  Tensor A = landmark_kernel_matrix(lay, r.q_landmarks.to(mt), r.k_landmarks.to(mt));
   Tensor c = A.sum(-2).amax(-1);  // (B, H); 0 off the Nyström path
   if (o.original_init) c = at::where(lay.nys.reshape({B, H}), c.amax(), c);
   r.pinv_scale.copy_(c);
@@ -67,7 +70,7 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   const int64_t rows = gpu::rows_per_block(lay.dt);
   const int64_t per_head = (ms + rows - 1) / rows;
   const int64_t splits =
-      std::clamp<int64_t>((target_blocks() + B * H * per_head - 1) / (B * H * per_head), 1,
+      std::clamp<int64_t>((target_blocks(lay) + B * H * per_head - 1) / (B * H * per_head), 1,
                           std::max<int64_t>(1, std::min<int64_t>(1024, S / 256)));
   Tensor part_max = at::empty({B * H, splits, ms}, call.acc_opts);
   Tensor part_sum = at::empty({B * H, splits, ms}, call.acc_opts);
@@ -79,16 +82,17 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
                                    part_acc.data_ptr(), r.bv.data_ptr(), r.lse_landmark.data_ptr(), stream),
                op, "Bm·V merge");
 
-  // Step 5: Z = pinv(A), zbv = Z·bv.
+  // Step 5: Z = pinv(A), zbv = Z·bv: the fused kernel where the shared memory
+  // allows, batched ATen products (in the m x m dtype) otherwise.
   const size_t ns_smem = gpu::newton_schulz_smem(lay.dt, static_cast<int>(ms));
-  if (ns_smem > 0 && ns_smem <= smem_limit()) {
-    const Tensor Ac = A.contiguous();
+  if (ns_smem > 0 && ns_smem <= p.smem_optin) {
+    const Tensor Ac = A.to(call.acc).contiguous(), cc = c_safe.to(call.acc).contiguous();
     check_launch(gpu::newton_schulz_fused(lay.dt, static_cast<int>(B * H), static_cast<int>(ms), p.Dv,
-                                          static_cast<int>(o.pinv_iterations), Ac.data_ptr(), c_safe.data_ptr(),
+                                          static_cast<int>(o.pinv_iterations), Ac.data_ptr(), cc.data_ptr(),
                                           r.bv.data_ptr(), r.zbv.data_ptr(), stream),
                  op, "Newton–Schulz");
   } else {
-    at::matmul_out(r.zbv, detail::newton_schulz_last(A, c_safe.view({B, H, 1, 1}), o.pinv_iterations), r.bv);
+    r.zbv.copy_(at::matmul(detail::newton_schulz_last(A, c_safe.view({B, H, 1, 1}), o.pinv_iterations), r.bv.to(mt)));
   }
   r.zbv.add_(v_lm);  // exact elements: W is their values (zbv is zero there)
 
@@ -96,6 +100,7 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   check_launch(gpu::query_rows(lay.dt, p, qv, r.k_landmarks.data_ptr(), r.zbv.data_ptr(),
                                mut_view_of(r.out, lay.q_index), r.lse_query.data_ptr(), stream),
                op, "query rows");
+  fill_rows_without_keys(lay, r.out, query_padding_mask);
   return r.tuple();
 }
 

@@ -80,6 +80,7 @@ struct Layout {
   Tensor q_count, k_count;  // int32 (B) or undefined
   Tensor q_index, k_index;  // int32 (B, L) / (B, S) or undefined
   Tensor nys;               // bool (B, H, 1, 1): the element takes the Nyström path
+  Tensor no_key;            // bool (B): real queries but no real key, or undefined when impossible
   Tensor row_ok, col_ok;    // bool (B, 1, ms, 1) / (B, 1, 1, ms): real landmark rows / columns
   gpu::DType dt;
 };
@@ -91,6 +92,17 @@ inline void compact(const Tensor& mask, Tensor* count, Tensor* index) {
   *index = std::get<1>(at::sort(mask.to(at::kByte), /*stable=*/true, /*dim=*/1, /*descending=*/false))
                .to(at::kInt)
                .contiguous();
+}
+
+// The properties of the current device the launches depend on: the one place
+// the glue reads them.
+struct DeviceInfo {
+  int sm_count;
+  size_t smem_optin;
+};
+inline DeviceInfo device_info() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return {prop->multiProcessorCount, static_cast<size_t>(prop->sharedMemPerBlockOptin)};
 }
 
 inline Layout make_layout(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const detail::Options& o,
@@ -113,6 +125,9 @@ inline Layout make_layout(const char* op, const Tensor& q, const Tensor& k, cons
   p.ms = to_int(detail::saved_landmarks(o.num_landmarks, L, S).expect_int(), op, "landmark rows");
   p.scale = o.scale;
   p.tensor_cores = tensor_cores_enabled();
+  const DeviceInfo dev = device_info();
+  p.sm_count = dev.sm_count;
+  p.smem_optin = dev.smem_optin;
   const bool has_q = qpm.has_value() && qpm->defined();
   const bool has_k = kpm.has_value() && kpm->defined();
   if (has_q) compact(*qpm, &lay.q_count, &lay.q_index);
@@ -123,16 +138,12 @@ inline Layout make_layout(const char* op, const Tensor& q, const Tensor& k, cons
   const auto iopts = q.options().dtype(at::kLong);
   Tensor Lb = has_q ? lay.q_count.to(at::kLong) : at::full({B}, L, iopts);
   Tensor Sb = has_k ? lay.k_count.to(at::kLong) : at::full({B}, S, iopts);
-  // Every element with real queries needs a real key (the same check as on
-  // the CPU; it reads back one flag, only when keys can be masked).
-  if (L > 0 && (has_k || S == 0)) {
-    Tensor bad = (Sb == 0).logical_and(Lb > 0);
-    if (bad.any().item<bool>()) {
-      const int64_t b = at::nonzero(bad.cpu()).view({-1})[0].item<int64_t>();
-      TORCH_CHECK(false, op, ": key_padding_mask masks every key of batch element ", b,
-                  "; each batch element with real queries needs at least one real key");
-    }
-  }
+  // An element with real queries but no real key (every key masked) is an
+  // error on the CPU; here it would cost a host synchronisation on every
+  // masked call (and break CUDA-graph capture), so it is not checked: the
+  // element's real query rows get NaN instead (its softmax has no key; the
+  // gradients of those rows are NaN too). docs/DESIGN.md §3.
+  if (L > 0 && (has_k || S == 0)) lay.no_key = (Sb == 0).logical_and(Lb > 0);
   const int64_t m = o.num_landmarks;
   Tensor nys = (Lb > 0).logical_and((Lb > m).logical_or(Sb > m));
   lay.nys = nys.view({B, 1, 1, 1}).expand({B, H, 1, 1});
@@ -152,14 +163,44 @@ inline Tensor landmark_kernel_matrix(const Layout& lay, const Tensor& q_lm, cons
 }
 
 // Thread blocks to keep every multiprocessor busy.
-inline int64_t target_blocks() { return 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount); }
+inline int64_t target_blocks(const Layout& lay) { return 2 * static_cast<int64_t>(lay.p.sm_count); }
 
-inline size_t smem_limit() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
-
-inline void check_smem(const char* op, size_t need, const Tensor& q, int64_t D, int64_t Dv) {
-  TORCH_CHECK(need <= smem_limit(), op, ": head dims D = ", D, ", Dv = ", Dv, " in ", q.scalar_type(), " need ", need,
-              " bytes of shared memory per block; this GPU allows ", smem_limit(),
+inline void check_smem(const char* op, const Layout& lay, size_t need, const Tensor& q) {
+  TORCH_CHECK(need <= lay.p.smem_optin, op, ": head dims D = ", lay.p.D, ", Dv = ", lay.p.Dv, " in ", q.scalar_type(),
+              " need ", need, " bytes of shared memory per block; this GPU allows ", lay.p.smem_optin,
               " (use float32, or smaller head dims)");
+}
+
+// Real query rows of the elements without a real key get NaN (make_layout).
+// x: (B, H, L, d) output or query gradient.
+inline void fill_rows_without_keys(const Layout& lay, const Tensor& x, const std::optional<Tensor>& qpm) {
+  if (!lay.no_key.defined()) return;
+  Tensor rows = lay.no_key.view({-1, 1, 1, 1});
+  if (qpm.has_value() && qpm->defined()) rows = rows.logical_and(qpm->logical_not().view({x.size(0), 1, -1, 1}));
+  x.masked_fill_(rows, std::numeric_limits<double>::quiet_NaN());
+}
+
+// An error left pending in the CUDA runtime by earlier, unrelated code would
+// be reported by this op's first launch check as its own; it is taken off
+// (with a warning that names it) when the op starts.
+inline void clear_pending_error(const char* op) {
+  const cudaError_t pending = cudaGetLastError();
+  if (pending != cudaSuccess) {
+    TORCH_WARN(op, ": a CUDA error was pending before this call (", cudaGetErrorString(pending),
+               "); it comes from earlier work on this thread and is not this op's");
+  }
+}
+
+// The m x m steps (A's logits, Newton–Schulz and its derivative, the
+// landmark gradients) are float32 products, and torch's TF32 switches
+// (allow_tf32, set_float32_matmul_precision("high"/"medium")) would round
+// them to TF32 inside cuBLAS, against the float32 contract (docs/DESIGN.md
+// §5). When those switches are on, the m x m steps of float32 calls run in
+// float64 instead (they are small) and are rounded back to float32.
+inline bool m_by_m_in_float64(const Tensor& t) {
+  if (t.scalar_type() != at::kFloat) return false;
+  const at::Context& ctx = at::globalContext();
+  return ctx.allowTF32CuBLAS() || ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
 }
 
 }  // namespace nystrom::cudaimpl
