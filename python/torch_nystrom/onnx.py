@@ -9,6 +9,12 @@ the exporter has no ONNX function for either). Give it this module's table::
         model, (x,), dynamo=True, dynamic_shapes=...,
         custom_translation_table=torch_nystrom.onnx.translation_table())
 
+(The exporter would also pick up a decomposition registered in the global
+``torch._decomp.decomposition_table``, but under symbolic sizes FakeTensor then
+runs that Python decomposition instead of the op's C++ Meta kernel, in every
+``torch.compile(dynamic=True)`` and ``torch.export`` trace; so the library leaves
+that table alone.)
+
 The graph computes exactly the op's math (docs/DESIGN.md) for any sequence
 length the model later sees: segment means for uneven segments, both
 ``pinv_init``, both padding masks, and the exact path of elements with
