@@ -1,4 +1,11 @@
-"""pytest configuration of the Python tests of torch-nystrom: import path, markers, seeding."""
+"""pytest configuration of the Python tests of torch-nystrom: import path, markers, seeding, devices.
+
+A test that takes the ``device`` fixture runs once per device of ``helpers.devices()`` (ids "cpu", "cuda"):
+NYSTROM_TEST_DEVICE unset, the CPU and, when torch sees one, the GPU; set (comma-separated names), exactly
+those. A listed device that is not available fails the tests that use it, never skips them. A test that takes
+``cuda_device`` runs on the devices among them that run the CUDA backend, and is skipped, saying so, when
+there is none.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,59 @@ import sys
 import pytest
 import torch
 
-# Make `reference` and `helpers` importable whatever pytest's import mode is.
+# Make `reference`, `helpers` and `cases` importable whatever pytest's import mode is.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import helpers  # noqa: E402
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer tests (deselect with -m 'not slow')")
+    try:
+        helpers.devices()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def pytest_report_header(config):
+    return f"torch-nystrom test devices: {', '.join(helpers.devices())} ({helpers.ENV_DEVICE}=" \
+           f"{os.environ.get(helpers.ENV_DEVICE, '')!r})"
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        names = helpers.devices()
+        metafunc.parametrize("device", names, ids=names, indirect=True, scope="session")
+    if "cuda_device" in metafunc.fixturenames:
+        names = [n for n in helpers.devices() if helpers.DEVICES[n].cuda_backend]
+        if names:
+            metafunc.parametrize("cuda_device", names, ids=names, indirect=True, scope="session")
+        else:
+            reason = (f"no device that runs the CUDA backend among the test devices ({', '.join(helpers.devices())}; "
+                      f"torch.cuda.is_available() is {torch.cuda.is_available()}; {helpers.ENV_DEVICE}=cuda "
+                      "makes a missing GPU an error)")
+            metafunc.parametrize("cuda_device", [pytest.param(None, marks=pytest.mark.skip(reason=reason))],
+                                 ids=["no_cuda_backend"], indirect=True, scope="session")
+
+
+def _device_fixture(request):
+    try:
+        return helpers.device(request.param)
+    except helpers.DeviceUnavailable as e:
+        message = str(e)
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The helpers.Device the test runs on."""
+    return _device_fixture(request)
+
+
+@pytest.fixture(scope="session")
+def cuda_device(request):
+    """A helpers.Device that runs the CUDA backend."""
+    return _device_fixture(request)
 
 
 @pytest.fixture(autouse=True)
