@@ -1,4 +1,5 @@
-"""torch_nystrom.NystromAttention: the nn.Module self-attention layer."""
+"""torch_nystrom.NystromAttention: the nn.Module self-attention layer, on every test device (inputs drawn on the
+CPU; the float64 reference, the layer written out with tests/python/reference.py, runs on the CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import io
 import pytest
 import torch
 
-from helpers import assert_rel_close, trailing_mask, middle_mask
+from helpers import assert_rel_close, middle_mask, to_device, trailing_mask
 from reference import nystrom_reference
 
 torch_nystrom = pytest.importorskip("torch_nystrom")
@@ -17,10 +18,11 @@ E, H, M = 48, 4, 7  # head dim 12
 L = 37
 
 
-def make_module(conv=None, pinv_init="per_head", iterations=6, bias=True, dtype=torch.float32, m=M):
+def make_module(conv=None, pinv_init="per_head", iterations=6, bias=True, dtype=torch.float32, m=M, device="cpu"):
+    """The layer with the same parameters whatever the device (made on the CPU from one seed, then moved)."""
     torch.manual_seed(1234)
     mod = NystromAttention(E, H, m, pinv_iterations=iterations, pinv_init=pinv_init, conv_kernel_size=conv, bias=bias)
-    return mod.to(dtype)
+    return to_device(mod.to(dtype), device)
 
 
 def manual_forward(mod, x, mask, attention, *, m=M, pinv_init="per_head", iterations=6):
@@ -64,10 +66,10 @@ def test_embed_dim_must_divide_into_heads():
 @pytest.mark.parametrize("pinv_init", ["per_head", "original"])
 @pytest.mark.parametrize("conv", [None, 3, 5], ids=["noconv", "conv3", "conv5"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_matches_manual_functional(masked, conv, pinv_init):
-    mod = make_module(conv=conv, pinv_init=pinv_init)
-    x = torch.randn(3, L, E)
-    mask = middle_mask(3, L, [(30, 37), (0, 0), (4, 20)]) if masked else None
+def test_matches_manual_functional(masked, conv, pinv_init, device):
+    mod = make_module(conv=conv, pinv_init=pinv_init, device=device)
+    x = torch.randn(3, L, E).to(device.torch)
+    mask = middle_mask(3, L, [(30, 37), (0, 0), (4, 20)]).to(device.torch) if masked else None
     with torch.no_grad():
         out = mod(x, mask) if masked else mod(x)
         expected = manual_forward(mod, x, mask, torch_nystrom.nystrom_attention, pinv_init=pinv_init)
@@ -79,21 +81,21 @@ def test_matches_manual_functional(masked, conv, pinv_init):
 
 
 @pytest.mark.parametrize("conv", [None, 3], ids=["noconv", "conv3"])
-def test_matches_reference_float64(conv):
+def test_matches_reference_float64(conv, device):
     mod = make_module(conv=conv, dtype=torch.float64)
     x = torch.randn(2, L, E, dtype=torch.float64)
     mask = trailing_mask(2, L, [37, 23])
     with torch.no_grad():
-        out = mod(x, mask)
+        out = make_module(conv=conv, dtype=torch.float64, device=device)(*to_device((x, mask), device))
         expected = manual_forward(mod, x, mask, nystrom_reference)
     assert out.dtype == torch.float64
     assert_rel_close(out, expected, 1e-10)
 
 
-def test_conv_skip_changes_output():
+def test_conv_skip_changes_output(device):
     # Negative control: the convolution term is really added.
-    mod = make_module(conv=3)
-    x = torch.randn(2, L, E)
+    mod = make_module(conv=3, device=device)
+    x = torch.randn(2, L, E).to(device.torch)
     with torch.no_grad():
         with_conv = mod(x)
         mod.conv.weight.zero_()
@@ -102,11 +104,11 @@ def test_conv_skip_changes_output():
 
 
 @pytest.mark.parametrize("conv", [None, 3], ids=["noconv", "conv3"])
-def test_trailing_padding_is_invisible(conv):
-    mod = make_module(conv=conv, dtype=torch.float64)
-    x = torch.randn(2, L, E, dtype=torch.float64)
+def test_trailing_padding_is_invisible(conv, device):
+    mod = make_module(conv=conv, dtype=torch.float64, device=device)
+    x = torch.randn(2, L, E, dtype=torch.float64).to(device.torch)
     lengths = [37, 21]
-    mask = trailing_mask(2, L, lengths)
+    mask = trailing_mask(2, L, lengths).to(device.torch)
     x_pad = x.masked_fill(mask[..., None], 1e3)  # garbage in the padding must not matter
     with torch.no_grad():
         out = mod(x_pad, mask)
@@ -116,10 +118,10 @@ def test_trailing_padding_is_invisible(conv):
 
 
 @pytest.mark.parametrize("conv", [None, 3], ids=["noconv", "conv3"])
-def test_backward(conv):
-    mod = make_module(conv=conv)
-    x = torch.randn(2, L, E, requires_grad=True)
-    mask = trailing_mask(2, L, [37, 30])
+def test_backward(conv, device):
+    mod = make_module(conv=conv, device=device)
+    x = torch.randn(2, L, E).to(device.torch).requires_grad_(True)
+    mask = trailing_mask(2, L, [37, 30]).to(device.torch)
     out = mod(x, mask)
     (out ** 2).mean().backward()
     for name, p in mod.named_parameters():
@@ -131,36 +133,38 @@ def test_backward(conv):
     assert torch.count_nonzero(x.grad[1, 30:]) == 0  # padded tokens influence nothing
 
 
-def test_gradients_match_reference_float64():
+def test_gradients_match_reference_float64(device):
     mod = make_module(conv=3, dtype=torch.float64)
     x = torch.randn(2, 19, E, dtype=torch.float64)
     mask = trailing_mask(2, 19, [19, 12])
     params = list(mod.parameters())
     g = torch.randn(2, 19, E, dtype=torch.float64)
-    got = torch.autograd.grad(mod(x, mask), params, g)
+    on_device = make_module(conv=3, dtype=torch.float64, device=device)
+    got = torch.autograd.grad(on_device(*to_device((x, mask), device)), list(on_device.parameters()),
+                              g.to(device.torch))
     expected = torch.autograd.grad(manual_forward(mod, x, mask, nystrom_reference), params, g)
     # k_proj.bias has a zero gradient in exact arithmetic (softmax is shift invariant), so errors are
     # measured against the largest gradient entry of all parameters.
     scale = max(e.abs().max().item() for e in expected)
     for (name, _), a, e in zip(mod.named_parameters(), got, expected):
-        err = (a - e).abs().max().item() / scale
+        err = (a.cpu() - e).abs().max().item() / scale
         assert err <= 1e-9, f"{name}: error {err:.3e}"
     assert expected[[n for n, _ in mod.named_parameters()].index("q_proj.weight")].abs().max() > 0
 
 
 @pytest.mark.parametrize("conv", [None, 3], ids=["noconv", "conv3"])
-def test_torchscript(conv):
-    mod = make_module(conv=conv, pinv_init="original").eval()
+def test_torchscript(conv, device):
+    mod = make_module(conv=conv, pinv_init="original", device=device).eval()
     scripted = torch.jit.script(mod)
-    x = torch.randn(2, L, E)
-    mask = trailing_mask(2, L, [37, 25])
+    x = torch.randn(2, L, E).to(device.torch)
+    mask = trailing_mask(2, L, [37, 25]).to(device.torch)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x, mask), mod(x, mask), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(scripted(x), mod(x), rtol=1e-6, atol=1e-6)
     buf = io.BytesIO()
     torch.jit.save(scripted, buf)
     buf.seek(0)
-    loaded = torch.jit.load(buf)
+    loaded = torch.jit.load(buf, map_location=device.torch)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, mask), mod(x, mask), rtol=1e-6, atol=1e-6)
     # autograd works through the scripted module too
@@ -169,12 +173,11 @@ def test_torchscript(conv):
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
-def test_training_lowers_the_loss():
-    torch.manual_seed(0)
-    teacher = make_module(conv=3)
-    student = NystromAttention(E, H, M, conv_kernel_size=3)
-    x = torch.randn(4, 29, E)
-    mask = trailing_mask(4, 29, [29, 25, 17, 20])
+def test_training_lowers_the_loss(device):
+    teacher = make_module(conv=3, device=device)
+    student = NystromAttention(E, H, M, conv_kernel_size=3).to(device.torch)
+    x = torch.randn(4, 29, E).to(device.torch)
+    mask = trailing_mask(4, 29, [29, 25, 17, 20]).to(device.torch)
     with torch.no_grad():
         target = teacher(x, mask)
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)

@@ -1,4 +1,5 @@
-"""Scale: one head of n = 262144 tokens, D = 64, m = 64, float32, forward and backward on the CPU.
+"""Scale: one head of n = 262144 tokens, D = 64, m = 64, float32, forward and backward; time and accuracy on
+every test device, memory on the CPU (test_cuda.py measures the peak device memory of a long sequence).
 
 Linear memory is the point of the method: beyond its inputs and outputs a call may use < 1 GiB (an
 n x n attention matrix alone would be 256 GiB). Memory is the peak resident set size of a separate
@@ -24,7 +25,7 @@ import time
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import rel_err, run_slow, to_device
 from reference import landmarks, max_column_sum, newton_schulz, nystrom_reference
 
 torch_nystrom = pytest.importorskip("torch_nystrom")
@@ -36,15 +37,9 @@ MEMORY_LIMIT = 1 << 30  # bytes beyond inputs and outputs
 MIB = 1 << 20
 
 
-def _run_slow(request) -> bool:
-    """Slow tests run only when asked for: any -m expression that selects them (e.g. -m slow), or
-    NYSTROM_RUN_SLOW=1. A plain `pytest tests/python` skips them."""
-    return bool(request.config.getoption("markexpr", "")) or os.environ.get("NYSTROM_RUN_SLOW") == "1"
-
-
 @pytest.fixture(autouse=True)
 def _only_when_asked(request):
-    if not _run_slow(request):
+    if not run_slow(request):
         pytest.skip("slow (about 30 s on idle cores): run with -m slow or NYSTROM_RUN_SLOW=1")
 
 
@@ -150,22 +145,27 @@ def _float64_same_math(q, k, v, rows):
     return (torch.softmax(scale * q64[:, rows] @ kl.transpose(-1, -2), -1) @ w)[0]
 
 
-def test_time_and_accuracy():
+def test_time_and_accuracy(device):
     q, k, v = smooth_inputs(N, D)
+    qd, kd, vd = to_device((q, k, v), device)
     op = torch.ops.nystrom.nystrom_attention
     with torch.no_grad():
-        op(q, k, v, M, 6, "per_head", None, None, None)  # warm-up
+        op(qd, kd, vd, M, 6, "per_head", None, None, None)  # warm-up
+        device.synchronize()
         t0 = time.perf_counter()
-        out = op(q, k, v, M, 6, "per_head", None, None, None)
+        out = op(qd, kd, vd, M, 6, "per_head", None, None, None)
+        device.synchronize()
         t_fwd = time.perf_counter() - t0
-    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = out.cpu()
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (qd, kd, vd))
     grad = torch.randn(1, 1, N, D, generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
     out_g = op(qg, kg, vg, M, 6, "per_head", None, None, None)
-    out_g.backward(grad)
+    out_g.backward(grad.to(device.torch))
+    device.synchronize()
     t_fb = time.perf_counter() - t0
 
-    assert torch.isfinite(out).all() and torch.equal(out, out_g.detach())
+    assert torch.isfinite(out).all() and torch.equal(out, out_g.detach().cpu())
     for t in (qg, kg, vg):
         assert torch.isfinite(t.grad).all()
 
@@ -178,7 +178,8 @@ def test_time_and_accuracy():
     err_ref_out = rel_err(out, ref)
     ref.backward(grad.double())
     err_grads = [rel_err(a.grad, b.grad) for a, b in ((qg, q64), (kg, k64), (vg, v64))]
-    print(f"\n[scale] n={N} D={D} m={M} float32, {torch.get_num_threads()} threads: forward {t_fwd:.2f} s, "
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else device.name
+    print(f"\n[scale] n={N} D={D} m={M} float32, {where}: forward {t_fwd:.2f} s, "
           f"forward+backward {t_fb:.2f} s; relative error vs float64: output (512 rows) {err_out:.1e}, "
           f"output (all) {err_ref_out:.1e}, grads q/k/v {err_grads[0]:.1e}/{err_grads[1]:.1e}/{err_grads[2]:.1e}")
     assert err_out <= 1e-4 and err_ref_out <= 1e-4
