@@ -7,9 +7,10 @@
 #   build      cmake --build build-gpu, all cores
 #   install    the Python package from build-gpu (pip, no build isolation, no dependencies, no index)
 #   ctest      the C++ suite (its CUDA tests run here)
-#   pytest-cuda      tests/python/test_cuda.py on the GPU (NYSTROM_TEST_DEVICE=cuda: no silent skip)
-#   pytest-subset    a quick subset of the other Python tests (the CPU backend in the CUDA build: ops,
-#                    bad inputs and edge cases, autocast, the nn layer; no fuzzing, no compile)
+#   pytest-cuda      the per-device Python suite and tests/python/test_cuda.py on the GPU
+#                    (NYSTROM_TEST_DEVICE=cuda: every per-device test on the GPU, a missing GPU fails)
+#   pytest-subset    the same per-device tests on the CPU backend of the CUDA build (NYSTROM_TEST_DEVICE=cpu;
+#                    no fuzzing, no compile)
 #   memcheck, racecheck   compute-sanitizer on scripts/gpu_sanitizer_case.py
 #   bench      benchmarks/bench.py --device cuda within what is left of the time budget
 #
@@ -221,12 +222,16 @@ if [ "$build_ok" = 1 ] || [ "$DRY" = 1 ]; then
     # pytest-xdist (when installed) spreads the suite over 4 processes sharing the GPU.
     XDIST=""
     "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
+    # The tests written once for every device (tests/python/helpers.py: devices()).
+    PER_DEVICE="python/test_ops.py python/test_gradients.py python/test_bad_inputs.py python/test_edge_cases.py \
+      python/test_hardening.py python/test_module.py python/test_autocast.py"
     step pytest-cuda "$(log tests.log)" 180 "
-      cd tests && NYSTROM_TEST_DEVICE=cuda '$PY' -m pytest python/test_cuda.py -q -rs -p no:cacheprovider --durations=15 $XDIST
+      cd tests && NYSTROM_TEST_DEVICE=cuda '$PY' -m pytest $PER_DEVICE python/test_cuda.py -q -rs -p no:cacheprovider \
+        -m 'not slow' --durations=15 $XDIST
     " || true
     step pytest-subset "$(log tests.log)" 60 "
-      cd tests && '$PY' -m pytest python/test_ops.py python/test_hardening.py python/test_autocast.py \
-        python/test_module.py -q -rs -p no:cacheprovider -m 'not slow' -k 'not random_shapes and not fuzz'
+      cd tests && NYSTROM_TEST_DEVICE=cpu '$PY' -m pytest $PER_DEVICE -q -rs -p no:cacheprovider -m 'not slow' \
+        -k 'not random_shapes and not fuzz and not compile' $XDIST
     " || true
     # One device allocation per tensor, so that memcheck sees every tensor's bounds.
     if [ -n "$SANITIZER" ] || [ "$DRY" = 1 ]; then
