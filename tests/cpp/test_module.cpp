@@ -78,14 +78,25 @@ TEST(NystromModule, ForwardMatchesReference) {
   expect_close(mod->forward(x, std::nullopt), out, 1e-12, 1e-12, "forward(x, nullopt)");
 }
 
+struct Padded {
+  Tensor x, mask, out;
+};
+
+// The layer on a random (4, L, E) float64 input padded with make_mask(L),
+// checked against the layer written out with the reference.
+Padded padded_forward(nystrom::NystromAttention& mod, uint64_t seed, int64_t L,
+                      const std::string& what) {
+  torch::manual_seed(seed);
+  Padded p{torch::randn({4, L, mod->options.embed_dim()}, kF64), make_mask(L), Tensor()};
+  p.out = mod(p.x, p.mask);
+  expect_close(p.out, module_reference(mod, p.x, p.mask), 1e-7, 1e-9, what);
+  return p;
+}
+
 TEST(NystromModule, ForwardWithPaddingMatchesReference) {
   auto mod = make_module(24, 3, 5, std::nullopt, "original");
-  torch::manual_seed(21);
   const int64_t L = 31;
-  const Tensor x = torch::randn({4, L, 24}, kF64);
-  const Tensor mask = make_mask(L);
-  const Tensor out = mod(x, mask);
-  expect_close(out, module_reference(mod, x, mask), 1e-7, 1e-9, "module forward, padded");
+  const auto [x, mask, out] = padded_forward(mod, 21, L, "module forward, padded");
   // Padded rows are zero before the output projection: they equal its bias.
   const Tensor bias_rows = mod->out_proj->bias.expand({4, L, 24});
   const Tensor pad = mask.unsqueeze(-1).expand({4, L, 24});
@@ -146,12 +157,8 @@ TEST(NystromModule, ConvSkipForwardBackward) {
 
 TEST(NystromModule, ConvSkipWithPadding) {
   auto mod = make_module(24, 4, 6, /*conv=*/5);
-  torch::manual_seed(26);
   const int64_t L = 30;
-  const Tensor x = torch::randn({4, L, 24}, kF64);
-  const Tensor mask = make_mask(L);
-  const Tensor out = mod(x, mask);
-  expect_close(out, module_reference(mod, x, mask), 1e-7, 1e-9, "conv module forward, padded");
+  const auto [x, mask, out] = padded_forward(mod, 26, L, "conv module forward, padded");
   // Trailing padding is invisible: element 1 (last 9 padded) and element 3
   // (5 real tokens) give at their real tokens what the unpadded input gives.
   for (const int64_t b : {1, 3}) {
