@@ -14,13 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import nystrom_reference
+from reference import nystrom_reference, segment_bounds as bounds
 
 DT = torch.float64
-
-
-def bounds(n, ms):
-    return [(j * n // ms, (j + 1) * n // ms) for j in range(ms)]
 
 
 def pool(x, ms):
