@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import rel_err, to_device
 
 torch_nystrom = pytest.importorskip("torch_nystrom")
 modeling = pytest.importorskip("transformers.models.nystromformer.modeling_nystromformer")
@@ -46,12 +46,12 @@ def split_heads(t):
     "dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["f32", "f64"]
 )
 @pytest.mark.parametrize("num_landmarks,batch", [(8, 3), (16, 1), (64, 2)], ids=["m8_B3", "m16_B1", "exact_m64"])
-def test_functional_matches_hf(num_landmarks, batch, dtype, tol):
+def test_functional_matches_hf(num_landmarks, batch, dtype, tol, device):
     layer = hf_layer(num_landmarks).to(dtype)
     x = torch.randn(batch, SEQ, HIDDEN, dtype=dtype)
     with torch.no_grad():
-        expected = layer(x)[0]
-        q, k, v = (split_heads(lin(x)) for lin in (layer.query, layer.key, layer.value))
+        expected = layer(x)[0]  # transformers on the CPU; the op on the device, on the same projections
+        q, k, v = to_device(tuple(split_heads(lin(x)) for lin in (layer.query, layer.key, layer.value)), device)
         out = torch_nystrom.nystrom_attention(q, k, v, num_landmarks, pinv_init="original")
     out = out.transpose(1, 2).reshape(batch, SEQ, HIDDEN)
     assert out.dtype == dtype
@@ -64,7 +64,7 @@ def test_functional_matches_hf(num_landmarks, batch, dtype, tol):
         assert rel_err(other.transpose(1, 2).reshape(batch, SEQ, HIDDEN), expected) > 10 * tol
 
 
-def test_module_with_conv_matches_hf():
+def test_module_with_conv_matches_hf(device):
     """NystromAttention(conv_kernel_size=3) with HF's weights and an identity out_proj is HF's layer."""
     layer = hf_layer(8, conv_kernel_size=3)
     mod = torch_nystrom.NystromAttention(HIDDEN, HEADS, 8, pinv_init="original", conv_kernel_size=3)
@@ -77,6 +77,6 @@ def test_module_with_conv_matches_hf():
         mod.out_proj.bias.zero_()
         x = torch.randn(2, SEQ, HIDDEN)
         expected = layer(x)[0]
-        out = mod(x)
+        out = mod.to(device.torch)(x.to(device.torch))
     err = rel_err(out, expected)
     assert err <= 1e-5, f"relative error vs transformers {err:.3e}"
