@@ -441,6 +441,7 @@ bool Executor::run_block(const Job& job, long long linear, Fault* fault) {
   // Back on the host stack: every thread has returned, or the block failed.
   tls.executor = nullptr;
   current_ = nullptr;
+  static_max_ = std::max(static_max_, static_bytes_);  // known to later launches even if this one failed
   if (faulted_) {
     for (int i = 0; i < nthreads_; ++i) {
       if (fibers_[static_cast<std::size_t>(i)].state != State::kExited) stacks_.unpoison(i);
@@ -448,9 +449,7 @@ bool Executor::run_block(const Job& job, long long linear, Fault* fault) {
     *fault = fault_;
     return false;
   }
-  if (!check_guards(fault)) return false;
-  static_max_ = std::max(static_max_, static_bytes_);
-  return true;
+  return check_guards(fault);
 }
 
 // ------------------------------------------------------------ device API ----

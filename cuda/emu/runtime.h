@@ -2,7 +2,7 @@
 // and the glue make, kernel launches, and the emulator's own controls
 // (schedule, target profile, poisoning). Torch-free.
 //
-// The types are CUDA's own (cuda_runtime_api.h: cudaError_t, cudaStream_t,
+// The types are CUDA's own (cuda_runtime.h: cudaError_t, cudaStream_t,
 // dim3, the attribute enums), so emulated and real builds agree on every
 // value. The functions are the emulator's, in namespace nystrom::emu under
 // names of their own, and the macros at the end map the CUDA names onto them
@@ -21,7 +21,9 @@
 // launch site, block, source site) to the runtime's text.
 #pragma once
 
-#include <cuda_runtime_api.h>
+// All of cuda_runtime.h (not only cuda_runtime_api.h) before the macros
+// below: a later include of it is then a no-op instead of a clash.
+#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
