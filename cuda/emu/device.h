@@ -56,6 +56,12 @@ inline const ThreadState& state(const char* what) {
   return tls;
 }
 
+/// The calling thread's lane: its linear index in the block, mod 32.
+inline int lane_id() {
+  const ThreadState& t = state("a warp collective");
+  return static_cast<int>((t.thread_idx.x + t.block_dim.x * (t.thread_idx.y + t.block_dim.y * t.thread_idx.z)) % 32);
+}
+
 void syncthreads(Site site);
 
 /// Warp collectives. Each lane deposits its LaneArgs and waits; the lane
@@ -78,6 +84,11 @@ struct LaneArgs {
 };
 using Complete = void (*)(LaneArgs* lanes, const Site& site);
 void collective(Op op, Site site, const LaneArgs& mine, Complete complete);
+
+/// A lane's WMMA fill/load/store (not collective on a GPU either): logged,
+/// and compared across the warp's lanes at its next collective and when its
+/// last lane returns.
+void note_fragment_op(Op op, Site site, const void* mem, unsigned ldm, int layout, std::uint64_t value);
 
 /// A fault found in kernel code: ends the block and the launch with a sticky
 /// cudaErrorLaunchFailure whose detail names the kernel, block and site.

@@ -100,9 +100,10 @@ Executor::Executor(std::size_t stack_bytes) : stacks_(stack_bytes) {
 Executor::~Executor() {
   NYSTROM_EMU_UNPOISON(static_arena_, kArena);
   std::free(static_arena_);
-  if (dyn_ != nullptr) {
-    NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);
-    std::free(dyn_);
+  if (dyn_ != nullptr && dyn_ != own_) NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);  // an external buffer
+  if (own_ != nullptr) {
+    NYSTROM_EMU_UNPOISON(own_, own_cap_);
+    std::free(own_);
   }
 }
 
@@ -129,21 +130,33 @@ void Executor::record(const Site* site, const std::string& what, cudaError_t cod
   if (site != nullptr) fault_.message += " [at " + where(*site) + "]";
 }
 
+namespace {
+// Thrown by fail() and caught at the bottom of the fiber's stack, so that
+// what the failing thread's frames own (the message strings, say) is freed.
+struct Abandon {};
+}  // namespace
+
 void Executor::fail(const Site* site, const std::string& what, cudaError_t code, bool sticky) {
   record(site, what, code, sticky);
-  // The block is abandoned: the failing fiber never runs again, nor do the others.
-  Fiber* self = current_;
-  current_ = nullptr;
-  ++switches_;
-  jump(self->ctx, main_);
-  std::fputs("nystrom emu: an abandoned fiber was resumed\n", stderr);
-  std::abort();
+  throw Abandon{};
 }
 
 void Executor::fiber_main() {
   on_fiber_start();
   auto* ex = static_cast<Executor*>(tls.executor);
-  ex->job_->spec->run(ex->job_->spec->bound);
+  bool abandoned = false;
+  try {
+    ex->job_->spec->run(ex->job_->spec->bound);
+  } catch (const Abandon&) {
+    abandoned = true;
+  }
+  if (abandoned) {
+    // The block is abandoned: no fiber of it runs again.
+    Fiber* self = ex->current_;
+    ex->current_ = nullptr;
+    ++ex->switches_;
+    finish_and_jump(self->ctx, ex->main_);
+  }
   ex->exit_current();
 }
 
@@ -151,7 +164,11 @@ void Executor::exit_current() {
   Fiber* self = current_;
   self->state = State::kExited;
   ++exited_;
-  ++warps_[static_cast<std::size_t>(self->warp)].exited;
+  Warp& w = warps_[static_cast<std::size_t>(self->warp)];
+  if (++w.exited == w.size) {
+    const std::string bad = compare_fragment_ops(self->warp);
+    if (!bad.empty()) record(nullptr, bad);  // then next_runnable() ends the block
+  }
   Fiber* next = next_runnable();
   if (next != nullptr) {
     enter(next);
@@ -214,6 +231,37 @@ std::string Executor::describe_others(int warp_index) const {
   return s;
 }
 
+std::string Executor::compare_fragment_ops(int warp_index) {
+  const Warp& w = warps_[static_cast<std::size_t>(warp_index)];
+  Fiber* lanes = &fibers_[static_cast<std::size_t>(warp_index) * 32];
+  const std::vector<FragmentOp>& ref = lanes[0].fragment_ops;
+  auto describe = [this](const FragmentOp& f) { return std::string(op_name(f.op)) + " " + where(f.site); };
+  for (int l = 1; l < w.size; ++l) {
+    const std::vector<FragmentOp>& mine = lanes[l].fragment_ops;
+    for (std::size_t i = 0; i < std::max(ref.size(), mine.size()); ++i) {
+      const std::string who = "warp " + std::to_string(warp_index) + ", lane " + std::to_string(l) + ": ";
+      if (i >= ref.size() || i >= mine.size()) {
+        const bool lane0 = i < ref.size();
+        return "divergent WMMA: " + who + "lane " + (lane0 ? "0" : std::to_string(l)) + " calls " +
+               describe(lane0 ? ref[i] : mine[i]) + ", lane " + (lane0 ? std::to_string(l) : "0") +
+               " does not (fragment operations must be reached by all 32 lanes)";
+      }
+      const FragmentOp &a = ref[i], &b = mine[i];
+      if (a.op != b.op || !same_site(a.site, b.site)) {
+        return "divergent WMMA: " + who + "lane 0 calls " + describe(a) + " where lane " + std::to_string(l) +
+               " calls " + describe(b);
+      }
+      if (a.mem != b.mem || a.ldm != b.ldm || a.layout != b.layout || a.value != b.value) {
+        return describe(a) + ": " + who + std::string(a.op == Op::kWmmaFill ? "fills another value" :
+                                                                              "passes a different pointer, ldm or layout") +
+               " than lane 0 (the operands of a WMMA operation must be the same in every lane)";
+      }
+    }
+  }
+  for (int l = 0; l < w.size; ++l) lanes[l].fragment_ops.clear();
+  return {};
+}
+
 bool Executor::resolve() {
   phase_.clear();
   pos_ = 0;
@@ -254,6 +302,13 @@ bool Executor::resolve() {
                              std::to_string(nthreads_) + " threads; threads " + ranges(gone) +
                              " have returned without reaching it");
     return false;
+  }
+  for (std::size_t w = 0; w < warps_.size(); ++w) {
+    const std::string bad = compare_fragment_ops(static_cast<int>(w));
+    if (!bad.empty()) {
+      record(&barrier_site_, bad + " (found at a __syncthreads)");
+      return false;
+    }
   }
   for (int i = 0; i < nthreads_; ++i) {
     fibers_[static_cast<std::size_t>(i)].state = State::kRunnable;
@@ -299,23 +354,41 @@ void Executor::collective(Op op, const Site& site, const LaneArgs& mine, Complet
   self->op = op;
   self->site = site;
   if (++w.arrived == 32) {
+    const std::string bad = compare_fragment_ops(self->warp);
+    if (!bad.empty()) fail(&site, bad);
     complete(w.lanes, site);  // may fail(): then the block ends here
     w.complete = true;
   }
   suspend(self);
 }
 
-void Executor::prepare_shared() {
+bool Executor::prepare_shared() {
   const std::size_t smem = job_->spec->smem;
   const std::size_t need = round_up(smem + kGuard, 128);
-  if (need > dyn_cap_) {
-    if (dyn_ != nullptr) {
-      NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);
-      std::free(dyn_);
+  std::size_t ext_cap = 0;
+  if (auto ext = dynamic_shared_buffer(&ext_cap)) {
+    if (dyn_ != nullptr && dyn_ != own_) NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);
+    dyn_ = ext();
+    dyn_cap_ = ext_cap;
+    if (smem + kGuard > ext_cap) {
+      record(nullptr, "the external dynamic shared buffer of " + std::to_string(ext_cap) + " bytes is too small for " +
+                          std::to_string(smem) + " bytes and the guard",
+             cudaErrorInvalidValue, false);
+      return false;
     }
-    dyn_ = static_cast<unsigned char*>(std::aligned_alloc(128, need));
-    if (dyn_ == nullptr) throw std::bad_alloc();
-    dyn_cap_ = need;
+  } else {
+    if (dyn_ != nullptr && dyn_ != own_) NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);
+    if (need > own_cap_) {
+      if (own_ != nullptr) {
+        NYSTROM_EMU_UNPOISON(own_, own_cap_);
+        std::free(own_);
+      }
+      own_ = static_cast<unsigned char*>(std::aligned_alloc(128, need));
+      if (own_ == nullptr) throw std::bad_alloc();
+      own_cap_ = need;
+    }
+    dyn_ = own_;
+    dyn_cap_ = own_cap_;
   }
   NYSTROM_EMU_UNPOISON(dyn_, dyn_cap_);
   std::memset(dyn_, kPoison, smem + kGuard);
@@ -325,6 +398,7 @@ void Executor::prepare_shared() {
   static_end_ = 0;
   static_bytes_ = 0;
   NYSTROM_EMU_POISON(static_arena_, kArena);
+  return true;
 }
 
 void* Executor::static_shared(const void* key, std::size_t size, std::size_t align, const Site& site) {
@@ -414,6 +488,7 @@ bool Executor::run_block(const Job& job, long long linear, Fault* fault) {
     f.warp = i / 32;
     f.lane = i % 32;
     f.state = State::kRunnable;
+    f.fragment_ops.clear();
     prepare(f.ctx, stacks_.lo(i), stacks_.size(), &Executor::fiber_main);
   }
   warps_.resize(static_cast<std::size_t>((nthreads_ + 31) / 32));
@@ -424,7 +499,10 @@ bool Executor::run_block(const Job& job, long long linear, Fault* fault) {
   }
   at_barrier_ = exited_ = 0;
   rng_ = job.schedule.seed * 0xD1B54A32D192ED03ull + static_cast<std::uint64_t>(linear);
-  prepare_shared();
+  if (!prepare_shared()) {
+    *fault = fault_;
+    return false;
+  }
 
   tls.executor = this;
   tls.block_idx = bid_;
@@ -460,6 +538,10 @@ void collective(Op op, Site site, const LaneArgs& mine, Complete complete) {
 }
 
 void fail(const Site& site, const std::string& what) { current("a kernel check").fail(&site, what); }
+
+void note_fragment_op(Op op, Site site, const void* mem, unsigned ldm, int layout, std::uint64_t value) {
+  current(op_name(op)).note_fragment_op(FragmentOp{op, site, mem, ldm, layout, value});
+}
 
 unsigned char* dynamic_shared(Site) { return current("dynamic shared memory").dynamic_shared(); }
 

@@ -48,6 +48,16 @@ struct Fault {
   std::string message;
 };
 
+/// A lane's WMMA fill, load or store, as logged for the warp's checks.
+struct FragmentOp {
+  Op op;
+  Site site;
+  const void* mem;
+  unsigned ldm;
+  int layout;
+  std::uint64_t value;
+};
+
 class Executor {
  public:
   explicit Executor(std::size_t stack_bytes);
@@ -70,6 +80,7 @@ class Executor {
               bool sticky = true);
   [[noreturn]] void fail(const Site* site, const std::string& what, cudaError_t code = cudaErrorLaunchFailure,
                          bool sticky = true);
+  void note_fragment_op(const FragmentOp& op) { current_->fragment_ops.push_back(op); }
   unsigned char* dynamic_shared() const { return dyn_; }
   void* static_shared(const void* key, std::size_t size, std::size_t align, const Site& site);
 
@@ -82,6 +93,7 @@ class Executor {
     State state;
     Op op;
     Site site;
+    std::vector<FragmentOp> fragment_ops;  // since the warp's last collective
   };
   struct Warp {
     int size, arrived, exited;
@@ -104,8 +116,11 @@ class Executor {
   void order_phase();
   void enter(Fiber* f);
   std::string describe_others(int warp_index) const;
+  /// Empty if the lanes of the warp made the same WMMA fill/load/store calls
+  /// since its last collective (the logs are then cleared), else the difference.
+  std::string compare_fragment_ops(int warp_index);
   std::string where(const Site& s) const;
-  void prepare_shared();
+  bool prepare_shared();
   bool check_guards(Fault* fault);
 
   StackPool stacks_;
@@ -126,8 +141,9 @@ class Executor {
   Fault fault_;
 
   // Shared memory: dynamic region + guard, static arena with guards between slots.
-  unsigned char* dyn_ = nullptr;
-  std::size_t dyn_cap_ = 0, dyn_bytes_ = 0;
+  unsigned char* dyn_ = nullptr;       // this block's dynamic shared memory
+  unsigned char* own_ = nullptr;       // the executor's buffer (dyn_ unless an external one is set)
+  std::size_t own_cap_ = 0, dyn_cap_ = 0, dyn_bytes_ = 0;
   unsigned char* static_arena_ = nullptr;
   std::vector<StaticSlot> slots_;
   std::size_t static_end_ = 0;    // arena offset past the last slot's guard
@@ -140,6 +156,8 @@ class Executor {
 
 /// The executor of the calling OS thread (created on first use).
 Executor& this_thread_executor();
+/// The buffer set by set_dynamic_shared_buffer (null when none), and its size.
+unsigned char* (*dynamic_shared_buffer(std::size_t* capacity))();
 /// Size of every fiber stack (NYSTROM_EMU_STACK_KIB, default 256 KiB).
 std::size_t fiber_stack_bytes();
 

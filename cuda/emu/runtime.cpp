@@ -382,6 +382,16 @@ void reset() {
   for (auto& k : g_kernels) k.second.max_dynamic = -1;
 }
 
+namespace {
+std::atomic<unsigned char* (*)()> g_ext_buffer{nullptr};
+std::atomic<std::size_t> g_ext_capacity{0};
+}  // namespace
+
+void set_dynamic_shared_buffer(unsigned char* (*buffer)(), std::size_t capacity) {
+  g_ext_capacity = capacity;
+  g_ext_buffer = buffer;
+}
+
 Stats stats() { return Stats{g_stats.launches.load(), g_stats.blocks.load(), g_stats.switches.load()}; }
 
 // ------------------------------------------------ CUDA runtime API subset ----
@@ -628,6 +638,11 @@ Executor& this_thread_executor() {
   thread_local std::unique_ptr<Executor> ex;
   if (!ex) ex = std::make_unique<Executor>(fiber_stack_bytes());
   return *ex;
+}
+
+unsigned char* (*dynamic_shared_buffer(std::size_t* capacity))() {
+  *capacity = g_ext_capacity.load();
+  return g_ext_buffer.load();
 }
 
 std::size_t fiber_stack_bytes() {

@@ -99,6 +99,15 @@ std::string last_error_detail();
 /// (what cudaDeviceReset does to a real context).
 void reset();
 
+/// For a source not yet behind the seams, compiled with `__shared__` defined
+/// as GNU `__thread`: its `extern __shared__ unsigned char smem_raw[]` is then
+/// a thread-local array the test defines, and `buffer()` (called on each OS
+/// thread that runs blocks) returns it. Every block's dynamic shared memory
+/// is that buffer, poisoned and guarded as usual; `capacity` is its size.
+/// Null restores the emulator's own buffers. (A static `__shared__` array
+/// compiled this way becomes per-thread: such kernels must not run.)
+void set_dynamic_shared_buffer(unsigned char* (*buffer)(), std::size_t capacity);
+
 struct Stats {
   std::uint64_t launches = 0;  // launches that ran
   std::uint64_t blocks = 0;    // blocks that ran

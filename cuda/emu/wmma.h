@@ -2,17 +2,24 @@
 // row_major, matrix_b row_major or col_major (__half or __nv_bfloat16), float
 // accumulators; fill_fragment, load_matrix_sync, mma_sync, store_matrix_sync.
 //
-// A fragment is the whole 16x16 tile, held by every lane (a real fragment
-// spreads it over the 32 lanes in an unspecified layout, which is why its
-// elements are not accessible here: there is no x[] / num_elements, and code
-// that indexes them does not compile). Every operation is warp-collective:
-// all 32 lanes must reach the same call site, and the memory operands must
-// be the same in every lane (pointer, ldm, layout), 256-bit aligned, with
-// ldm a multiple of 16 bytes, as the CUDA documentation requires; anything
-// else is a kernel fault naming the site. The product runs once per warp:
-// d = c + a*b with the elements of a and b widened to float and each dot
-// product summed in float in k order (real tensor cores sum in an order and
-// with roundings of their own).
+// A fragment is a 16x16 tile of which, as on a GPU, each lane holds a share:
+// here the 8 elements 8*lane .. 8*lane+7 of the row-major tile (a real
+// fragment's layout is unspecified, which is why its elements are not
+// accessible: there is no x[] / num_elements, and code that indexes them does
+// not compile). fill_fragment, load_matrix_sync and store_matrix_sync act on
+// the calling lane's share at once, without waiting for the other lanes, as
+// the hardware does: a __syncwarp missing between other lanes' writes and a
+// load, or between a store and other lanes' reads, shows under some schedule.
+// mma_sync is the collective: when all 32 lanes are there it gathers the
+// shares, computes d = c + a*b (elements widened to float, each dot product
+// summed in float in k order; real tensor cores sum in an order and with
+// roundings of their own) and gives every lane all of d.
+//
+// Checks (kernel faults naming the site): memory operands 256-bit aligned
+// and ldm a multiple of 16 bytes, as CUDA requires; and, at every warp
+// collective and when a warp's last lane returns, all 32 lanes must have made
+// the same fill/load/store calls since the warp's previous collective: same
+// sites, same pointers, ldm, layouts and fill values.
 #pragma once
 
 #include "device.h"
@@ -45,6 +52,7 @@ class fragment {
  public:
   using element_type = T;
   // Logical row-major tile: a is [m][k], b is [k][n], an accumulator [m][n].
+  // A lane's share is valid after a load; every element after fill or mma.
   T tile[16 * 16];
 };
 
@@ -52,60 +60,47 @@ namespace emu_detail {
 using ::nystrom::emu::Site;
 using ::nystrom::emu::detail::fail;
 using ::nystrom::emu::detail::LaneArgs;
+using ::nystrom::emu::detail::Op;
 
 inline float widen(float x) { return x; }
 inline float widen(__half x) { return __half2float(x); }
 inline float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// All lanes must name the same memory the same way.
-inline void check_uniform(const LaneArgs* lanes, const Site& site, const char* what, std::size_t elem) {
-  for (int l = 1; l < 32; ++l) {
-    if (lanes[l].mem != lanes[0].mem || lanes[l].ldm != lanes[0].ldm || lanes[l].layout != lanes[0].layout) {
-      fail(site, std::string(what) + ": lane " + std::to_string(l) +
-                     " passes a different pointer, ldm or layout than lane 0 (the operands of a warp-collective "
-                     "WMMA operation must be the same in every lane)");
-    }
+inline void check_memory(const void* p, unsigned ldm, std::size_t elem, const Site& site, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0) fail(site, std::string(what) + ": the pointer is not 256-bit aligned");
+  if ((ldm * elem) % 16 != 0) {
+    fail(site, std::string(what) + ": ldm = " + std::to_string(ldm) + " is not a multiple of 16 bytes");
   }
-  if (reinterpret_cast<std::uintptr_t>(lanes[0].mem) % 32 != 0) {
-    fail(site, std::string(what) + ": the pointer is not 256-bit aligned");
-  }
-  if ((lanes[0].ldm * elem) % 16 != 0) {
-    fail(site, std::string(what) + ": ldm = " + std::to_string(lanes[0].ldm) + " is not a multiple of 16 bytes");
-  }
-}
-
-template <class Frag>
-void copy_to_lanes(LaneArgs* lanes) {
-  for (int l = 1; l < 32; ++l) std::memcpy(lanes[l].out, lanes[0].out, sizeof(Frag));
 }
 
 // Element (r, c) of a 16x16 tile stored with leading dimension ldm.
 template <class T>
-T at(const T* p, unsigned ldm, bool row_major_storage, int r, int c) {
+T& at(T* p, unsigned ldm, bool row_major_storage, int r, int c) {
   return row_major_storage ? p[static_cast<std::size_t>(r) * ldm + c] : p[static_cast<std::size_t>(c) * ldm + r];
+}
+
+template <class T>
+void load_share(T* tile, const T* m, unsigned ldm, bool rows) {
+  const int lane = ::nystrom::emu::detail::lane_id();
+  for (int e = 8 * lane; e < 8 * lane + 8; ++e) tile[e] = at(const_cast<T*>(m), ldm, rows, e / 16, e % 16);
+}
+
+// The whole tile of a fragment, each share from the lane that holds it.
+template <class Frag, class T>
+void gather(const LaneArgs* lanes, int which, T* out) {
+  for (int l = 0; l < 32; ++l) {
+    std::memcpy(out + 8 * l, static_cast<const Frag*>(lanes[l].in[which])->tile + 8 * l, 8 * sizeof(T));
+  }
 }
 }  // namespace emu_detail
 
 template <class Use, class T, class Layout>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const T& v, ::nystrom::emu::Site site =
-                                                                                     ::nystrom::emu::Site::here()) {
-  using Frag = fragment<Use, 16, 16, 16, T, Layout>;
-  emu_detail::LaneArgs a;
-  std::memcpy(&a.value, &v, sizeof(T));
-  a.out = &f;
-  ::nystrom::emu::detail::collective(
-      ::nystrom::emu::detail::Op::kWmmaFill, site, a, [](emu_detail::LaneArgs* lanes, const ::nystrom::emu::Site& s) {
-        for (int l = 1; l < 32; ++l) {
-          if (lanes[l].value != lanes[0].value) {
-            emu_detail::fail(s, "fill_fragment: lane " + std::to_string(l) + " fills a different value than lane 0");
-          }
-        }
-        T x;
-        std::memcpy(&x, &lanes[0].value, sizeof(T));
-        auto* f0 = static_cast<Frag*>(lanes[0].out);
-        for (auto& e : f0->tile) e = x;
-        emu_detail::copy_to_lanes<Frag>(lanes);
-      });
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const T& v,
+                          ::nystrom::emu::Site site = ::nystrom::emu::Site::here()) {
+  for (auto& e : f.tile) e = v;
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  ::nystrom::emu::detail::note_fragment_op(emu_detail::Op::kWmmaFill, site, nullptr, 0, 0, bits);
 }
 
 /// matrix_a / matrix_b: the layout is the fragment's.
@@ -113,62 +108,25 @@ template <class Use, class T, class Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm,
                              ::nystrom::emu::Site site = ::nystrom::emu::Site::here()) {
   static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load needs a layout_t argument");
-  using Frag = fragment<Use, 16, 16, 16, T, Layout>;
-  emu_detail::LaneArgs a;
-  a.out = &f;
-  a.mem = p;
-  a.ldm = ldm;
-  ::nystrom::emu::detail::collective(
-      ::nystrom::emu::detail::Op::kWmmaLoad, site, a, [](emu_detail::LaneArgs* lanes, const ::nystrom::emu::Site& s) {
-        emu_detail::check_uniform(lanes, s, "load_matrix_sync", sizeof(T));
-        const T* m = static_cast<const T*>(lanes[0].mem);
-        auto* f0 = static_cast<Frag*>(lanes[0].out);
-        // Stored row-major: a's rows are m, b's rows are k. col_major swaps.
-        const bool rows = std::is_same<Layout, row_major>::value;
-        for (int r = 0; r < 16; ++r)
-          for (int c = 0; c < 16; ++c) f0->tile[r * 16 + c] = emu_detail::at(m, lanes[0].ldm, rows, r, c);
-        emu_detail::copy_to_lanes<Frag>(lanes);
-      });
+  emu_detail::check_memory(p, ldm, sizeof(T), site, "load_matrix_sync");
+  // a's rows are m, b's rows are k; col_major memory holds the transpose.
+  emu_detail::load_share(f.tile, p, ldm, std::is_same<Layout, row_major>::value);
+  ::nystrom::emu::detail::note_fragment_op(emu_detail::Op::kWmmaLoad, site, p, ldm, 0, 0);
 }
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
                              layout_t layout, ::nystrom::emu::Site site = ::nystrom::emu::Site::here()) {
-  using Frag = fragment<accumulator, 16, 16, 16, float>;
-  emu_detail::LaneArgs a;
-  a.out = &f;
-  a.mem = p;
-  a.ldm = ldm;
-  a.layout = static_cast<int>(layout);
-  ::nystrom::emu::detail::collective(
-      ::nystrom::emu::detail::Op::kWmmaLoad, site, a, [](emu_detail::LaneArgs* lanes, const ::nystrom::emu::Site& s) {
-        emu_detail::check_uniform(lanes, s, "load_matrix_sync", sizeof(float));
-        const float* m = static_cast<const float*>(lanes[0].mem);
-        auto* f0 = static_cast<Frag*>(lanes[0].out);
-        const bool rows = lanes[0].layout == mem_row_major;
-        for (int r = 0; r < 16; ++r)
-          for (int c = 0; c < 16; ++c) f0->tile[r * 16 + c] = emu_detail::at(m, lanes[0].ldm, rows, r, c);
-        emu_detail::copy_to_lanes<Frag>(lanes);
-      });
+  emu_detail::check_memory(p, ldm, sizeof(float), site, "load_matrix_sync");
+  emu_detail::load_share(f.tile, p, ldm, layout == mem_row_major);
+  ::nystrom::emu::detail::note_fragment_op(emu_detail::Op::kWmmaLoad, site, p, ldm, static_cast<int>(layout), 0);
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout, ::nystrom::emu::Site site = ::nystrom::emu::Site::here()) {
-  using Frag = fragment<accumulator, 16, 16, 16, float>;
-  emu_detail::LaneArgs a;
-  a.in[0] = &f;
-  a.mem = p;
-  a.ldm = ldm;
-  a.layout = static_cast<int>(layout);
-  ::nystrom::emu::detail::collective(
-      ::nystrom::emu::detail::Op::kWmmaStore, site, a, [](emu_detail::LaneArgs* lanes, const ::nystrom::emu::Site& s) {
-        emu_detail::check_uniform(lanes, s, "store_matrix_sync", sizeof(float));
-        auto* m = static_cast<float*>(const_cast<void*>(lanes[0].mem));
-        const auto* f0 = static_cast<const Frag*>(lanes[0].in[0]);
-        const std::size_t ld = lanes[0].ldm;
-        const bool rows = lanes[0].layout == mem_row_major;
-        for (int r = 0; r < 16; ++r)
-          for (int c = 0; c < 16; ++c) (rows ? m[r * ld + c] : m[c * ld + r]) = f0->tile[r * 16 + c];
-      });
+  emu_detail::check_memory(p, ldm, sizeof(float), site, "store_matrix_sync");
+  const int lane = ::nystrom::emu::detail::lane_id();
+  for (int e = 8 * lane; e < 8 * lane + 8; ++e) emu_detail::at(p, ldm, layout == mem_row_major, e / 16, e % 16) = f.tile[e];
+  ::nystrom::emu::detail::note_fragment_op(emu_detail::Op::kWmmaStore, site, p, ldm, static_cast<int>(layout), 0);
 }
 
 template <class T, class LA, class LB>
@@ -184,30 +142,23 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
   x.in[1] = &b;
   x.in[2] = &c;
   ::nystrom::emu::detail::collective(
-      ::nystrom::emu::detail::Op::kWmmaMma, site, x, [](emu_detail::LaneArgs* lanes, const ::nystrom::emu::Site& s) {
-        // Operands chosen per lane (say, by a lane-dependent condition) differ.
-        for (int l = 1; l < 32; ++l) {
-          if (std::memcmp(lanes[l].in[0], lanes[0].in[0], sizeof(FA)) != 0 ||
-              std::memcmp(lanes[l].in[1], lanes[0].in[1], sizeof(FB)) != 0 ||
-              std::memcmp(lanes[l].in[2], lanes[0].in[2], sizeof(Acc)) != 0) {
-            emu_detail::fail(s, "mma_sync: lane " + std::to_string(l) + " holds other operand fragments than lane 0");
-          }
-        }
-        const auto* fa = static_cast<const FA*>(lanes[0].in[0]);
-        const auto* fb = static_cast<const FB*>(lanes[0].in[1]);
-        const auto* fc = static_cast<const Acc*>(lanes[0].in[2]);
-        float a32[256], b32[256], out[256];
+      emu_detail::Op::kWmmaMma, site, x, [](emu_detail::LaneArgs* lanes, const ::nystrom::emu::Site&) {
+        T ta[256], tb[256];
+        float tc[256], a32[256], b32[256], out[256];
+        emu_detail::gather<FA>(lanes, 0, ta);
+        emu_detail::gather<FB>(lanes, 1, tb);
+        emu_detail::gather<Acc>(lanes, 2, tc);
         for (int i = 0; i < 256; ++i) {
-          a32[i] = emu_detail::widen(fa->tile[i]);
-          b32[i] = emu_detail::widen(fb->tile[i]);
+          a32[i] = emu_detail::widen(ta[i]);
+          b32[i] = emu_detail::widen(tb[i]);
         }
         for (int i = 0; i < 16; ++i)
           for (int j = 0; j < 16; ++j) {
-            float s = fc->tile[i * 16 + j];
+            float s = tc[i * 16 + j];
             for (int k = 0; k < 16; ++k) s += a32[i * 16 + k] * b32[k * 16 + j];
             out[i * 16 + j] = s;
           }
-        // d may alias c: write only after every product is formed.
+        // d may alias c: written only after every product is formed.
         for (int l = 0; l < 32; ++l) std::memcpy(static_cast<Acc*>(lanes[l].out)->tile, out, sizeof out);
       });
 }
