@@ -15,6 +15,7 @@ if(NOT NYSTROM_EMU_CUDA_INCLUDE)
 endif()
 find_package(Threads REQUIRED)
 add_library(nystrom_emu STATIC
+  "${_nystrom_emu_dir}/cuda_api.cpp"
   "${_nystrom_emu_dir}/executor.cpp"
   "${_nystrom_emu_dir}/fiber.cpp"
   "${_nystrom_emu_dir}/runtime.cpp")

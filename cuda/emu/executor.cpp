@@ -232,7 +232,8 @@ std::string Executor::describe_others(int warp_index) const {
 }
 
 std::string Executor::compare_fragment_ops(int warp_index) {
-  const Warp& w = warps_[static_cast<std::size_t>(warp_index)];
+  Warp& w = warps_[static_cast<std::size_t>(warp_index)];
+  if (!w.fragment_ops) return {};
   Fiber* lanes = &fibers_[static_cast<std::size_t>(warp_index) * 32];
   const std::vector<FragmentOp>& ref = lanes[0].fragment_ops;
   auto describe = [this](const FragmentOp& f) { return std::string(op_name(f.op)) + " " + where(f.site); };
@@ -259,6 +260,7 @@ std::string Executor::compare_fragment_ops(int warp_index) {
     }
   }
   for (int l = 0; l < w.size; ++l) lanes[l].fragment_ops.clear();
+  w.fragment_ops = false;
   return {};
 }
 
@@ -496,6 +498,7 @@ bool Executor::run_block(const Job& job, long long linear, Fault* fault) {
     warps_[w].size = std::min(32, nthreads_ - static_cast<int>(w) * 32);
     warps_[w].arrived = warps_[w].exited = 0;
     warps_[w].complete = false;
+    warps_[w].fragment_ops = false;
   }
   at_barrier_ = exited_ = 0;
   rng_ = job.schedule.seed * 0xD1B54A32D192ED03ull + static_cast<std::uint64_t>(linear);

@@ -80,7 +80,10 @@ class Executor {
               bool sticky = true);
   [[noreturn]] void fail(const Site* site, const std::string& what, cudaError_t code = cudaErrorLaunchFailure,
                          bool sticky = true);
-  void note_fragment_op(const FragmentOp& op) { current_->fragment_ops.push_back(op); }
+  void note_fragment_op(const FragmentOp& op) {
+    current_->fragment_ops.push_back(op);
+    warps_[static_cast<std::size_t>(current_->warp)].fragment_ops = true;
+  }
   unsigned char* dynamic_shared() const { return dyn_; }
   void* static_shared(const void* key, std::size_t size, std::size_t align, const Site& site);
 
@@ -98,6 +101,7 @@ class Executor {
   struct Warp {
     int size, arrived, exited;
     bool complete;
+    bool fragment_ops;  // some lane logged a WMMA fill/load/store since the last comparison
     Op op;
     Site site;
     Complete fn;
