@@ -9,7 +9,7 @@
   only: the q/k/v and output projections are identities and the conv residual is off.
   It initialises the pseudoinverse differently (max row sum times max column sum).
 - ``sdpa``: exact attention, torch.nn.functional.scaled_dot_product_attention.
-- ``reference64``: the composition in float64 with DESIGN.md's uneven segments,
+- ``reference64``: the composition in float64 with the uneven segments of docs/DESIGN.md §2 step 2,
   the yardstick for the error of the Nyström approximation itself.
 """
 import torch

@@ -1,4 +1,4 @@
-// Internal: the Newton–Schulz pseudoinverse of DESIGN.md step 4 and its exact
+// Internal: the Newton–Schulz pseudoinverse of docs/DESIGN.md §2 step 4 and its exact
 // derivative, in batched ATen products over a stack of (B, H) matrices. The
 // CPU kernels and the CUDA glue (its cuBLAS path and its backward) share it.
 //

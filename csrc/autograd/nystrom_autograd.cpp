@@ -5,7 +5,8 @@
 // function (through every Newton–Schulz iteration and the init scale c),
 // evaluated by the nystrom_attention_backward op. That op is itself
 // registered here with a backward that refuses: double backward is not
-// implemented, and a silent zero would be wrong.
+// implemented, and a silent zero would be wrong. The forward op, likewise,
+// refuses to be differentiated on its own (docs/DESIGN.md §8).
 #include <nystrom/ops.h>
 
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -77,6 +78,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op_autograd(
   return {r[0], r[1], r[2]};
 }
 
+// The forward op is an internal piece: gradients come through
+// nystrom_attention. Backpropagating through the forward op itself is
+// refused with a message, instead of torch's "no autograd kernel" warning
+// and a silently missing gradient.
+class ForwardOpFunction : public torch::autograd::Function<ForwardOpFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx,
+                               const at::Tensor& query,
+                               const at::Tensor& key,
+                               const at::Tensor& value,
+                               int64_t num_landmarks,
+                               int64_t pinv_iterations,
+                               const std::string& pinv_init,
+                               const std::optional<at::Tensor>& key_padding_mask,
+                               const std::optional<at::Tensor>& query_padding_mask,
+                               std::optional<double> scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, q_lm, k_lm, bv, zbv, lse_q, lse_l, c] =
+        nystrom_attention_forward(query, key, value, num_landmarks, pinv_iterations, pinv_init, key_padding_mask,
+                                  query_padding_mask, scale);
+    return {out, q_lm, k_lm, bv, zbv, lse_q, lse_l, c};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(false,
+                "nystrom_attention_forward: this op has no gradient of its own (it is the internal forward "
+                "piece); call nystrom_attention (torch.ops.nystrom.nystrom_attention) to differentiate");
+  }
+};
+
+ForwardResult forward_op_autograd(const at::Tensor& query,
+                                  const at::Tensor& key,
+                                  const at::Tensor& value,
+                                  int64_t num_landmarks,
+                                  int64_t pinv_iterations,
+                                  c10::string_view pinv_init,
+                                  const std::optional<at::Tensor>& key_padding_mask,
+                                  const std::optional<at::Tensor>& query_padding_mask,
+                                  std::optional<double> scale) {
+  auto r = ForwardOpFunction::apply(query, key, value, num_landmarks, pinv_iterations, std::string(pinv_init),
+                                    key_padding_mask, query_padding_mask, scale);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
+}
+
 class NystromFunction : public torch::autograd::Function<NystromFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx,
@@ -138,5 +183,6 @@ at::Tensor nystrom_attention_autograd(const at::Tensor& query,
 
 TORCH_LIBRARY_IMPL(nystrom, Autograd, m) {
   m.impl("nystrom_attention", &nystrom::nystrom_attention_autograd);
+  m.impl("nystrom_attention_forward", &nystrom::forward_op_autograd);
   m.impl("nystrom_attention_backward", &nystrom::backward_op_autograd);
 }

@@ -2,7 +2,7 @@
 
 The compiled op drops padded tokens by gathering the real ones of each batch
 element. A traced graph (``torch.export``, ONNX) cannot do that, so this module
-writes the same math (docs/DESIGN.md, "The math") in masked form:
+writes the same math (docs/DESIGN.md §2) in masked form:
 
 - the rank of each real token among the real tokens of its batch element is
   ``cumsum(real) - 1``, its segment ``floor(((rank + 1) * m' - 1) / n)`` for
@@ -110,7 +110,7 @@ def landmark_slots(m: int, L, S) -> int:
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, else float32 (DESIGN.md, Numerics)."""
+    """float64 for float64 inputs, else float32 (docs/DESIGN.md §5)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -180,7 +180,7 @@ class Landmarks(NamedTuple):
 
 def landmarks(q: Tensor, k: Tensor, m: int, pinv_iterations: int, pinv_init: str,
               key_padding_mask: Optional[Tensor], query_padding_mask: Optional[Tensor], scale: float) -> Landmarks:
-    """Landmarks, A, c and Z of DESIGN.md steps 2–4 for q (B,H,L,D), k (B,H,S,D) in the compute dtype."""
+    """Landmarks, A, c and Z of docs/DESIGN.md §2 steps 2–4 for q (B,H,L,D), k (B,H,S,D) in the compute dtype."""
     B, H, L, _ = q.shape
     S = k.shape[2]
     ms = landmark_slots(m, L, S)

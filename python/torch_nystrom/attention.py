@@ -60,7 +60,7 @@ def attention_weights(
 
     Returns ``W`` of shape ``(B, H, len(rows), S)`` (all ``L`` rows when ``rows`` is
     None) with ``W[..., i, :] @ value == nystrom_attention(query, key, value, ...)[..., rows[i], :]``
-    up to rounding: ``F[rows] · Z · Bm`` on the Nyström path (docs/DESIGN.md, steps 2–5)
+    up to rounding: ``F[rows] · Z · Bm`` on the Nyström path (docs/DESIGN.md §2 steps 2–5)
     and the exact softmax rows for batch elements with ``L_b, S_b <= m``. Padded keys get
     weight 0; rows of padded queries are 0. The Nyström rows are an approximation: they
     need not be non-negative nor sum to exactly 1.

@@ -58,7 +58,7 @@ class NystromformerSelfAttentionOps(nn.Module):
     transformers cuts the sequence into ``m`` segments of ``seq_len // m`` tokens with a reshape
     that is right only when ``n == m * (seq_len // m)`` (e.g. ``n == seq_len`` with ``m`` dividing
     it); at other lengths it raises or mixes tokens of different batch elements. There this layer
-    computes DESIGN.md's Nyström attention on the actual length instead: segment ``j`` covers
+    computes the Nyström attention of docs/DESIGN.md §2 on the actual length instead: segment ``j`` covers
     tokens ``[floor(j n / m), floor((j + 1) n / m))`` (the same equal segments where transformers
     is right), and ``n <= m`` gives exact attention ``softmax(q kᵀ + mask) v``. The padding rule
     stays the one above (landmarks over all tokens, mask on ``Bm`` only), so a padded batch means
@@ -137,7 +137,7 @@ class NystromformerSelfAttentionOps(nn.Module):
         if n % m == 0:
             # transformers' own expression (equal segments).
             return x.reshape(b, h, m, n // m, d).mean(dim=-2)
-        # DESIGN.md's segments: token t is in segment floor(((t + 1) m - 1) / n).
+        # The segments of docs/DESIGN.md §2 step 2: token t is in segment floor(((t + 1) m - 1) / n).
         seg = ((torch.arange(n, device=x.device) + 1) * m - 1) // n
         onehot = (seg[None, :] == torch.arange(m, device=x.device)[:, None]).to(x.dtype)
         return (onehot / onehot.sum(dim=-1, keepdim=True)) @ x
@@ -205,7 +205,7 @@ class NystromformerSelfAttentionOps(nn.Module):
         kl: Optional[Tensor] = None
         z: Optional[Tensor] = None
         if m == self.seq_len or (n <= m and not hf_valid):
-            # Exact attention: transformers' exact branch, or DESIGN.md's rule for n <= m.
+            # Exact attention: transformers' exact branch, or docs/DESIGN.md §2 step 1 for n <= m.
             context = self._exact(q, k, v, pad)
         elif pad is None and n > m:
             # The op's Nyström path is transformers' computation (landmarks of all tokens, no mask).

@@ -15,7 +15,7 @@ runs that Python decomposition instead of the op's C++ Meta kernel, in every
 ``torch.compile(dynamic=True)`` and ``torch.export`` trace; so the library leaves
 that table alone.)
 
-The graph computes exactly the op's math (docs/DESIGN.md) for any sequence
+The graph computes exactly the op's math (docs/DESIGN.md §2) for any sequence
 length the model later sees: segment means for uneven segments, both
 ``pinv_init``, both padding masks, and the exact path of elements with
 ``L_b, S_b <= m``. Padding cannot be dropped inside a static graph, so the
