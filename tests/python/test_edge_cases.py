@@ -17,6 +17,10 @@ from reference import nystrom_reference
 torch_nystrom = pytest.importorskip("torch_nystrom")
 nystrom_attention = torch_nystrom.nystrom_attention
 
+# Small problems whose float64 references dominate: one intra-op thread is fastest and steady on a busy
+# machine (conftest.py). The CPU backward at several threads: test_hardening.py (thread counts, concurrency).
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 F64_TOL = 1e-9  # float64 op vs float64 reference (Newton–Schulz amplifies rounding on near-singular A)
 F64_GRAD_TOL = 1e-7
 

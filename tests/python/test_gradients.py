@@ -18,6 +18,10 @@ from helpers import (DEVICES, FLOAT_IDS, assert_rel_close, backward_args, check_
 torch_nystrom = pytest.importorskip("torch_nystrom")
 nystrom_attention = torch_nystrom.nystrom_attention
 
+# Small problems whose float64 references dominate: one intra-op thread is fastest and steady on a busy
+# machine (conftest.py). The CPU backward at several threads: test_hardening.py (thread counts, concurrency).
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 GRAD_IDS = ["both_masks", "middle_padding", "mixed_exact_and_nystrom", "original_init", "long_multi_tile",
             "long_multi_tile_original", "m1_cross_short_keys", "d7_m17_random_masks", "d64_m64_cross",
             "d96_m100_middle_original", "d128_m128_random_key", "d256_m256_masks", "long_tiles"]
