@@ -89,7 +89,7 @@ TEST_F(Emu, OptInLimitPerProfile) {
   const int big = 150 * 1024;
   EXPECT_EQ(cudaFuncSetAttribute(touch, cudaFuncAttributeMaxDynamicSharedMemorySize, 232448), cudaSuccess);
   EXPECT_EQ(cudaFuncSetAttribute(touch, cudaFuncAttributeMaxDynamicSharedMemorySize, 232449), cudaErrorInvalidValue);
-  EXPECT_TRUE(failed_with(cudaErrorInvalidValue, {"cudaFuncSetAttribute(touch", "232448 bytes", "sm90"}));
+  EXPECT_TRUE(failed_with(cudaErrorInvalidValue, {"cudaFuncSetAttribute(", "232448 bytes", "sm90"}));
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);  // a failed call leaves its error behind, as on a GPU
   EXPECT_EQ(cudaFuncSetAttribute(touch, cudaFuncAttributeMaxDynamicSharedMemorySize, big), cudaSuccess);
   NYSTROM_LAUNCH(touch, 1, 32, big, nullptr)(&ran, big);
