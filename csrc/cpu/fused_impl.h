@@ -344,6 +344,11 @@ void backward_tile(const BackwardTile& t) {
       const float* grow = g[r];
       float* xrow = xb + r * mp;
       V dot = splat(0.0f);
+      // Padding columns (j >= m) have logit 0, so exp(logit - offset) there
+      // overflows once the log-sum-exp offset is below about -88 (sharp
+      // logits); inf times G's zero there would make the row NaN. Their
+      // logits become -inf, hence P = 0.
+      for (int64_t c = m; c < mp; ++c) prow[c] = -INFINITY;
       if (t.row_offset != nullptr) {
         const V off = splat(t.row_offset[r0 + r]);
         for (int64_t c = 0; c < mp; c += kW) {
@@ -354,8 +359,6 @@ void backward_tile(const BackwardTile& t) {
       } else {
         for (int64_t c = 0; c < mp; c += kW) store(prow + c, vexp(load(prow + c) - load(t.col_offset + c)));
       }
-      // Padding columns (j >= m) need no zeroing: G is 0 there (b2's padding
-      // columns are zero), and c1's and c2's padding rows are zero.
       if (t.row_offset != nullptr) {
         const V d = splat(hsum(dot));
         for (int64_t c = 0; c < mp; c += kW) store(xrow + c, (load(grow + c) - d) * load(prow + c));
