@@ -174,6 +174,22 @@ def test_attention_matrix_matches_package(n, masked):
     assert rel_err(attn_rows, expected) <= 1e-5
 
 
+def test_attention_rows_equal_attention_weights_where_the_semantics_agree():
+    """No mask and n > m: the package's matrix is the op's F Z Bm over the left-padded sequence with
+    pinv_init="original", i.e. torch_nystrom.attention_weights of the padded q, k."""
+    _, ours = make_pair()
+    n = 41
+    pad = -n % M
+    x = inputs(2, n)
+    rows = [0, 7, 40]
+    with torch.no_grad():
+        _, attn = ours(x, return_attn=True, attn_rows=rows)
+        q, k, _ = (torch.nn.functional.pad(t, (0, 0, pad, 0)) for t in _heads(ours, x))
+        weights = torch_nystrom.attention_weights(q, k, M, rows=[pad + r for r in rows], pinv_init="original",
+                                                  scale=ours.scale)
+    assert rel_err(attn, weights) <= 1e-5, f"{rel_err(attn, weights):.3e}"
+
+
 def _largest_allocation(fn):
     """Bytes of the largest allocation by one op while fn runs (torch.profiler's CPU memory events)."""
     from torch.profiler import ProfilerActivity, profile
