@@ -8,7 +8,10 @@ forward+backward after a warm-up, peak memory the call adds beyond its inputs an
 fresh process, the same way for all), relative error against exact attention
 (on 256 sampled query rows) and against the float64 Nyström reference, and the
 ratios of each peer to this op. Writes benchmarks/results/cpu_<dtype>.csv and
-time/memory plots (log-log).
+cpu_<dtype>.png: time (top row) and memory (bottom row) against n, forward and
+forward+backward, log-log, one line per implementation. The plots need
+matplotlib (requirements-dev.txt); without it the run says so when it starts
+and writes the CSV only (--no-plot: no PNG, no note).
 
     python benchmarks/bench.py                       # B=2 H=8 D=64 m=64, n = 512 .. 65536, float32
     python benchmarks/bench.py --dtype bfloat16 --n 1024 4096 16384
@@ -110,6 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--replot", metavar="CSV", help="only redraw the table and plots of an earlier run's CSV")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG (matplotlib is then not needed)")
     args = p.parse_args(argv)
     for name, value in DEFAULTS[args.device].items():
         if getattr(args, name) is None:
@@ -124,8 +128,34 @@ def read_records(path):
                  for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None if matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def recorded_machine(csv_path):
+    """The machine line of an earlier run, from the first line of the table next to its CSV
+    ("B=... dtype; <machine>"), or None."""
+    try:
+        with open(os.path.splitext(csv_path)[0] + ".txt") as f:
+            first = f.readline().strip()
+    except OSError:
+        return None
+    return first.split("; ", 1)[1] if first.startswith("B=") and "; " in first else None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if not args.no_plot and pyplot() is None:  # said first, not after an hour of sweep
+        print("bench.py: matplotlib is not installed: this run writes no plots "
+              "(pip install -r requirements-dev.txt; --no-plot silences this)", file=sys.stderr)
     if args.replot:
         records = read_records(args.replot)
         args.dtype = records[0]["dtype"]
@@ -133,13 +163,14 @@ def main(argv=None):
             for name, column in (("batch", "B"), ("heads", "H"), ("dim", "D"), ("landmarks", "m")):
                 setattr(args, name, int(records[0][column]))
             stem = os.path.splitext(args.replot)[0]
-            machine = os.path.basename(stem)
+            machine = recorded_machine(args.replot) or os.path.basename(stem)
             print(gpu_report(records, args, machine))
             plot(records, args, machine, path=stem + ".png", gpu=True)
             return
-        machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        machine = (recorded_machine(args.replot)
+                   or f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
         report(records, args, machine)
-        plot(records, args, machine)
+        plot(records, args, machine, path=os.path.splitext(args.replot)[0] + ".png")
         return
     deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
     if args.device == "cuda":
@@ -259,45 +290,50 @@ def report(records, args, machine):
 
 
 def plot(records, args, machine, path=None, gpu=False):
-    """Log-log time and memory plots; on a GPU sweep a fifth panel: the forward's fraction of the
-    memory-bandwidth floor."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plots")
+    """Log-log plots, one line per implementation: time (top row) and memory (bottom row) against n, the
+    forward on the left, forward+backward next to it; on a GPU sweep a third column holds the forward's
+    fraction of the memory-bandwidth floor."""
+    if args.no_plot:
         return
-    panels = [("fwd_ms", "forward time (ms)"), ("fwd_bwd_ms", "forward+backward time (ms)")]
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib is not installed (pip install -r requirements-dev.txt): no plots")
+        return
+    memory = "peak memory beyond inputs" if gpu else "memory beyond inputs, output"
+    grid = [[("fwd_ms", "forward time (ms)"), ("fwd_bwd_ms", "forward+backward time (ms)")],
+            [("fwd_mib", f"forward {memory} (MiB)"),
+             ("fwd_bwd_mib", f"fwd+bwd {memory}{'' if gpu else ', grads'} (MiB)")]]
     if gpu:
-        panels += [("fwd_mib", "forward peak memory beyond inputs (MiB)"),
-                   ("fwd_bwd_mib", "fwd+bwd peak memory beyond inputs (MiB)"),
-                   ("bw_frac", "forward: fraction of the bandwidth floor")]
-    else:
-        panels += [("fwd_mib", "forward memory beyond inputs, output (MiB)"),
-                   ("fwd_bwd_mib", "fwd+bwd memory beyond inputs, output, grads (MiB)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+        grid[0].append(("bw_frac", "forward: fraction of the bandwidth floor"))
+        grid[1].append(None)
+    fig, axes = plt.subplots(2, len(grid[0]), figsize=(5.5 * len(grid[0]), 8.5), squeeze=False)
     impls_seen = sorted({r["impl"] for r in records}, key=lambda s: list(LABEL.values()).index(s))
-    for ax, (key, title) in zip(axes, panels):
-        for name in impls_seen:
-            # memory below 0.1 MiB is page-granularity noise: drawn at 0.1
-            pts = [(r["n"], max(r[key], 0.1) if key.endswith("mib") else r[key])
-                   for r in records if r["impl"] == name and r[key] is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length n")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # an empty panel (e.g. --no-memory) has nothing to label
-            ax.legend()
+    for row, panels in enumerate(grid):
+        for col, panel in enumerate(panels):
+            ax = axes[row][col]
+            if panel is None:
+                ax.axis("off")
+                continue
+            key, title = panel
+            for name in impls_seen:
+                # memory below 0.1 MiB is page-granularity noise: drawn at 0.1
+                pts = [(r["n"], max(r[key], 0.1) if key.endswith("mib") else r[key])
+                       for r in records if r["impl"] == name and r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length n")
+            ax.set_title(title, fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:  # an empty panel (e.g. --no-memory) has nothing to label
+                ax.legend(fontsize=8)
     fig.suptitle(f"B={args.batch} H={args.heads} D={args.dim} m={args.landmarks} {args.dtype}; {machine}", fontsize=9)
     fig.tight_layout()
     if path is None:
         path = os.path.join(args.out, f"cpu_{args.dtype}.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
