@@ -49,11 +49,12 @@ inline V vmax(V a, V b) { return select(a > b, a, b); }
 // exp(x) lane by lane, the one exponential of the CPU kernels: x = n ln2 + r,
 // |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation below 6e-8
 // relative; 7e-8 measured against exp in double), 2^n through the exponent
-// bits; 0 below -87.3 (e^x would be subnormal), so exp(-inf) = 0.
+// bits; 0 below -87.3 (e^x would be subnormal), so exp(-inf) = 0; NaN gives
+// NaN (as ATen's exp does, so a NaN input is not silently dropped).
 inline V vexp(V x) {
   const V lo = splat(-87.3f), hi = splat(88.7f);
   const VI under = x < lo;
-  x = vmax(x, lo);
+  x = select(under, lo, x);  // clamps that keep a NaN a NaN (vmax would replace it by lo)
   x = select(x > hi, hi, x);
   // n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer, which then
   // sits in the low mantissa bits.
