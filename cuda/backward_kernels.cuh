@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_query_kernel(BackwardArg
   const Elem e = element(p, b);
   if (!selected(e, Only::kAll)) return;
   const int nx = e.Lb, ny = e.mk;
-  extern __shared__ unsigned char smem_raw[];
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
   A* sq = reinterpret_cast<A*>(smem_raw);  // [BR][D]
   A* sg = sq + BR * D;                      // [BR][Dv]
   A* sk = sg + BR * Dv;                     // [kChunk][D + 1]
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_key_kernel(BackwardArgs 
   const Elem e = element(p, b);
   if (!selected(e, Only::kNystrom)) return;
   const int nx = e.Sb, ny = e.mq;
-  extern __shared__ unsigned char smem_raw[];
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
   A* sk = reinterpret_cast<A*>(smem_raw);  // [BR][D]
   A* sv = sk + BR * D;                      // [BR][Dv]
   A* sq = sv + BR * Dv;                     // [kChunk][D + 1]

@@ -25,6 +25,8 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include "emu/seams.h"  // <<< >>> and shared memory: the real syntax under nvcc, the CPU emulation otherwise
+
 #include <cmath>
 #include <cstdint>
 

@@ -16,7 +16,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) pool_kernel(Problem p, int bh0, Side side, Only only, RowsView x, int d,
                                                         typename Acc<T>::type* out) {
   using A = typename Acc<T>::type;
-  __shared__ A red[kWarps][kMaxHeadDim];
+  NYSTROM_SHARED(A, red, [kWarps][kMaxHeadDim]);
   const int j = blockIdx.x, bh = bh0 + blockIdx.y, b = bh / p.H, h = bh % p.H;
   const Elem e = element(p, b);
   if (!selected(e, only)) return;
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1) softmax_matmul_kernel(ForwardArgs
     y0 = min(ny, static_cast<int>(blockIdx.y) * per);
     y1 = min(ny, y0 + per);
   }
-  extern __shared__ unsigned char smem_raw[];
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
   A* sx = reinterpret_cast<A*>(smem_raw);     // [BR][D]
   A* sy = sx + BR * D;                         // [kChunk][D + 1]
   A* sv = sy + kChunk * (D + 1);               // [kChunk][Dv]
@@ -194,20 +194,21 @@ __global__ void __launch_bounds__(kThreads, 1) merge_kernel(Problem p, int bh0, 
   const int64_t base = static_cast<int64_t>(bh) * splits * p.ms + i;  // slot of split s: base + s*ms
   A M = neg_inf<A>();
   for (int s = 0; s < splits; ++s) M = max(M, part_max[base + static_cast<int64_t>(s) * p.ms]);
-  // A split without keys has maximum -inf and sum 0, and is left out. Every
-  // other split takes part, also one whose statistics are NaN (a NaN among
-  // its keys): the result then carries the NaN, as on the CPU.
+  // A split without keys has sum 0 (and maximum -inf) and is left out; a
+  // split with keys has a sum of at least 1. Every other split takes part,
+  // also one whose sum is NaN (a NaN among its logits: its maximum may then
+  // be -inf too): the result carries the NaN, as on the CPU.
   A l = A(0);
   for (int s = 0; s < splits; ++s) {
     const int64_t slot = base + static_cast<int64_t>(s) * p.ms;
-    if (part_max[slot] != neg_inf<A>()) l += part_sum[slot] * exp_acc(part_max[slot] - M);
+    if (part_sum[slot] != A(0)) l += part_sum[slot] * exp_acc(part_max[slot] - M);
   }
   const A inv = A(1) / l;
   for (int j = threadIdx.x; j < p.Dv; j += kThreads) {
     A acc = A(0);
     for (int s = 0; s < splits; ++s) {
       const int64_t slot = base + static_cast<int64_t>(s) * p.ms;
-      if (part_max[slot] != neg_inf<A>()) acc += part_acc[slot * p.Dv + j] * exp_acc(part_max[slot] - M);
+      if (part_sum[slot] != A(0)) acc += part_acc[slot * p.Dv + j] * exp_acc(part_max[slot] - M);
     }
     bv[(static_cast<int64_t>(bh) * p.ms + i) * p.Dv + j] = acc * inv;
   }

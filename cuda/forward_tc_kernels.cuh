@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
   constexpr int BR = kTcWarps * kTcRows;
   const int first = blockIdx.x * tiles_per_block * BR;
   if (first >= nx) return;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);  // [64][D]
   T* sW = sK + kTcSlots * D;                // [64][DV]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
   const int nx = e.mq, ny = e.Sb;
   const int per = ((ny + a.splits - 1) / a.splits + kTcSlots - 1) / kTcSlots * kTcSlots;
   const int y0 = min(ny, static_cast<int>(blockIdx.y) * per), y1 = min(ny, y0 + per);
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [64][D] all owner rows
   T* sK = sQ + kTcSlots * D;                // [64][D]
   T* sV = sK + kTcSlots * D;                // [64][DV]

@@ -58,7 +58,7 @@ template <typename T>
 cudaError_t pool_t(const Problem& p, Side side, Only only, RowsView x, int d, void* out, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   return for_head_slices(p.B * p.H, [&](int bh0, int n) {
-    pool_kernel<T><<<dim3(p.ms, n), kThreads, 0, stream>>>(p, bh0, side, only, x, d, static_cast<A*>(out));
+    NYSTROM_LAUNCH(pool_kernel<T>, dim3(p.ms, n), kThreads, 0, stream)(p, bh0, side, only, x, d, static_cast<A*>(out));
   });
 }
 
@@ -70,7 +70,7 @@ cudaError_t forward_launch(const ForwardArgs& args, int tiles, int splits, size_
   return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
     ForwardArgs a = args;
     a.bh0 = bh0;
-    kernel<<<dim3(tiles, splits, n), kThreads, smem, stream>>>(a);
+    NYSTROM_LAUNCH(kernel, dim3(tiles, splits, n), kThreads, smem, stream)(a);
   });
 }
 
@@ -103,9 +103,9 @@ cudaError_t tc_forward(const ForwardArgs& args, int grid_x, int tiles_per_block,
       ForwardArgs a = args;
       a.bh0 = bh0;
       if constexpr (kLandmarkPass) {
-        kernel<<<dim3(1, args.splits, n), kTcWarps * 32, smem, stream>>>(a);
+        NYSTROM_LAUNCH(kernel, dim3(1, args.splits, n), kTcWarps * 32, smem, stream)(a);
       } else {
-        kernel<<<dim3(grid_x, 1, n), kTcWarps * 32, smem, stream>>>(a, tiles_per_block);
+        NYSTROM_LAUNCH(kernel, dim3(grid_x, 1, n), kTcWarps * 32, smem, stream)(a, tiles_per_block);
       }
     });
   };
@@ -154,7 +154,7 @@ cudaError_t merge_t(const Problem& p, int splits, const void* part_max, const vo
                     void* bv, void* lse_l, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   return for_head_slices(p.B * p.H, [&](int bh0, int n) {
-    merge_kernel<A><<<dim3(p.ms, n), kThreads, 0, stream>>>(
+    NYSTROM_LAUNCH(merge_kernel<A>, dim3(p.ms, n), kThreads, 0, stream)(
         p, bh0, splits, static_cast<const A*>(part_max), static_cast<const A*>(part_sum),
         static_cast<const A*>(part_acc), static_cast<A*>(bv), static_cast<A*>(lse_l));
   });
@@ -201,7 +201,7 @@ cudaError_t newton_schulz_launch(int heads, int ms, int Dv, int iterations, cons
   if (err != cudaSuccess) return err;
   for (int bh0 = 0; bh0 < heads; bh0 += kMaxBlockHeads) {
     const int n = std::min(kMaxBlockHeads, heads - bh0);
-    kernel<<<n, (MP / 4) * (MP / 4), smem, stream>>>(bh0, ms, Dv, iterations, static_cast<const A*>(Am),
+    NYSTROM_LAUNCH(kernel, n, (MP / 4) * (MP / 4), smem, stream)(bh0, ms, Dv, iterations, static_cast<const A*>(Am),
                                                      static_cast<const A*>(c), static_cast<const A*>(bv),
                                                      static_cast<A*>(zbv));
     const cudaError_t e = cudaGetLastError();
@@ -232,7 +232,7 @@ cudaError_t backward_launch(Kernel kernel, const BackwardArgs& args, size_t smem
   return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
     BackwardArgs a = args;
     a.bh0 = bh0;
-    kernel<<<dim3(args.groups, n), kThreads, smem, stream>>>(a);
+    NYSTROM_LAUNCH(kernel, dim3(args.groups, n), kThreads, smem, stream)(a);
   });
 }
 
@@ -290,7 +290,7 @@ cudaError_t spread_t(const Problem& p, Side side, Only only, const void* src, in
   const int n = side == Side::kQuery ? p.L : p.S;
   if (n == 0) return cudaSuccess;
   return for_head_slices(p.B * p.H, [&](int bh0, int heads) {
-    spread_kernel<A><<<dim3((n + kWarps - 1) / kWarps, heads), kThreads, 0, stream>>>(
+    NYSTROM_LAUNCH(spread_kernel<A>, dim3((n + kWarps - 1) / kWarps, heads), kThreads, 0, stream)(
         p, bh0, side, only, static_cast<const A*>(src), d, index, static_cast<A*>(dst));
   });
 }

@@ -20,7 +20,7 @@ __global__ void __launch_bounds__((MP / 4) * (MP / 4)) newton_schulz_kernel(int 
                                                                             const A* Amat, const A* cvec, const A* bv,
                                                                             A* zbv) {
   constexpr int TPR = MP / 4;  // threads per tile row
-  extern __shared__ unsigned char smem_raw[];
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
   A* Z = reinterpret_cast<A*>(smem_raw);  // [MP][MP]
   A* G = Z + MP * MP;
   A* W = G + MP * MP;

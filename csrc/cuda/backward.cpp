@@ -32,7 +32,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
       op, grad_out, query, key, value, q_landmarks, k_landmarks, bv_in, zbv_in, lse_query, lse_landmark, pinv_scale,
       num_landmarks, pinv_iterations, pinv_init, key_padding_mask, query_padding_mask, scale);
   const detail::Options& o = call.o;
-  const c10::cuda::CUDAGuard guard(query.device());
+  const DeviceGuard guard(query.device());
   clear_pending_error(op);
   const Tensor q = rows_contiguous(call.q), k = rows_contiguous(call.k), v = rows_contiguous(call.v),
                dO = rows_contiguous(call.grad_out);
@@ -53,7 +53,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   const Layout lay = make_layout(op, q, k, v, o, key_padding_mask, query_padding_mask);
   const gpu::Problem& p = lay.p;
   check_smem(op, lay, gpu::backward_smem(lay.dt, p.D, p.Dv), q);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index),
                     gv = view_of(dO, lay.q_index);
   const int64_t rows = gpu::rows_per_block(lay.dt);
@@ -133,4 +133,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
 }  // namespace
 }  // namespace nystrom::cudaimpl
 
+// The emulated build serves CPU tensors with this glue (cuda/device.h).
+#if defined(NYSTROM_CUDA_EMULATION)
+TORCH_LIBRARY_IMPL(nystrom, CPU, m) { m.impl("nystrom_attention_backward", &nystrom::cudaimpl::backward_cuda); }
+#else
 TORCH_LIBRARY_IMPL(nystrom, CUDA, m) { m.impl("nystrom_attention_backward", &nystrom::cudaimpl::backward_cuda); }
+#endif

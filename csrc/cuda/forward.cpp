@@ -33,17 +33,18 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   const detail::Call call = detail::forward_prologue(op, query, key, value, num_landmarks, pinv_iterations, pinv_init,
                                                      key_padding_mask, query_padding_mask, scale);
   const detail::Options& o = call.o;
-  const c10::cuda::CUDAGuard guard(query.device());
+  const DeviceGuard guard(query.device());
   clear_pending_error(op);
   const Tensor q = rows_contiguous(call.q), k = rows_contiguous(call.k), v = rows_contiguous(call.v);
   const int64_t B = call.B, H = call.H, S = call.S, D = call.D, Dv = call.Dv, ms = call.ms;
   detail::ForwardOutputs r =
       detail::allocate_forward_outputs(q, k, v, num_landmarks, detail::Fill::kZeros, call.has_query_mask);
   if (B == 0 || H == 0 || call.L == 0) return r.tuple();
+  if (!call.has_query_mask) poison_for_kernels(r.out);  // every row is written
   const Layout lay = make_layout(op, q, k, v, o, key_padding_mask, query_padding_mask);
   const gpu::Problem& p = lay.p;
   check_smem(op, lay, gpu::softmax_matmul_smem(lay.dt, p.D, p.Dv), q);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index);
 
   // Step 2: landmarks; pooled values for the exact path.
@@ -75,6 +76,7 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   Tensor part_max = at::empty({B * H, splits, ms}, call.acc_opts);
   Tensor part_sum = at::empty({B * H, splits, ms}, call.acc_opts);
   Tensor part_acc = at::empty({B * H, splits, ms, Dv}, call.acc_opts);
+  for (const Tensor& t : {part_max, part_sum, part_acc}) poison_for_kernels(t);
   check_launch(gpu::landmark_partials(lay.dt, p, r.q_landmarks.data_ptr(), kv, vv, static_cast<int>(splits),
                                       part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(), stream),
                op, "Bm·V partials");
@@ -107,4 +109,9 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
 }  // namespace
 }  // namespace nystrom::cudaimpl
 
+// The emulated build serves CPU tensors with this glue (cuda/device.h).
+#if defined(NYSTROM_CUDA_EMULATION)
+TORCH_LIBRARY_IMPL(nystrom, CPU, m) { m.impl("nystrom_attention_forward", &nystrom::cudaimpl::forward_cuda); }
+#else
 TORCH_LIBRARY_IMPL(nystrom, CUDA, m) { m.impl("nystrom_attention_forward", &nystrom::cudaimpl::forward_cuda); }
+#endif

@@ -6,12 +6,11 @@
 #pragma once
 
 #include "checks.h"
+#include "cuda/device.h"
 
 #include "launchers.h"
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -94,17 +93,6 @@ inline void compact(const Tensor& mask, Tensor* count, Tensor* index) {
                .contiguous();
 }
 
-// The properties of the current device the launches depend on: the one place
-// the glue reads them.
-struct DeviceInfo {
-  int sm_count;
-  size_t smem_optin;
-};
-inline DeviceInfo device_info() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return {prop->multiProcessorCount, static_cast<size_t>(prop->sharedMemPerBlockOptin)};
-}
-
 inline Layout make_layout(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const detail::Options& o,
                    const std::optional<Tensor>& kpm, const std::optional<Tensor>& qpm) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
@@ -167,8 +155,8 @@ inline int64_t target_blocks(const Layout& lay) { return 2 * static_cast<int64_t
 
 inline void check_smem(const char* op, const Layout& lay, size_t need, const Tensor& q) {
   TORCH_CHECK(need <= lay.p.smem_optin, op, ": head dims D = ", lay.p.D, ", Dv = ", lay.p.Dv, " in ", q.scalar_type(),
-              " need ", need, " bytes of shared memory per block; this GPU allows ", lay.p.smem_optin,
-              " (use float32, or smaller head dims)");
+              " need ", need, " bytes of shared memory per block; this GPU allows ", lay.p.smem_optin, " (",
+              q.scalar_type() == at::kDouble ? "float32 needs half as much; " : "", "smaller head dims need less)");
 }
 
 // Real query rows of the elements without a real key get NaN (make_layout).

@@ -6,6 +6,7 @@
 #include <cxxabi.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -127,6 +128,14 @@ using detail::sticky;
 using detail::t_detail;
 using detail::t_detail_code;
 using detail::t_last;
+
+std::vector<std::pair<std::string, std::uint64_t>> kernel_launches() {
+  const std::lock_guard<std::mutex> lock(detail::kernels_mutex());
+  std::vector<std::pair<std::string, std::uint64_t>> out;
+  for (const auto& entry : detail::g_kernels) out.emplace_back(entry.second.name, entry.second.launches);
+  std::sort(out.begin(), out.end());
+  return out;
+}
 
 std::string last_error_detail() {
   if (sticky() != cudaSuccess) {

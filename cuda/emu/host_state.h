@@ -27,6 +27,7 @@ struct KernelInfo {
   bool named = false;            // from the symbol table or the launch expression
   int max_dynamic = -1;          // cudaFuncAttributeMaxDynamicSharedMemorySize, -1: never set
   std::size_t static_bytes = 0;  // static shared memory seen in its launches
+  std::uint64_t launches = 0;     // launches of it that ran (kernel_launches())
 };
 std::mutex& kernels_mutex();
 /// The kernel's entry (created, and named from the symbol table or `expr`, on

@@ -361,6 +361,7 @@ void launch(const LaunchSpec& spec) {
     const std::lock_guard<std::mutex> lock(kernels_mutex());
     KernelInfo& k = kernel_info(spec.kernel, spec.expr);
     k.static_bytes = std::max(k.static_bytes, run.static_max);
+    ++k.launches;
   }
   if (run.fault_block < 0) return;
   if (run.fault.sticky) set_sticky(run.fault.code, run.fault.message);

@@ -115,6 +115,11 @@ struct Stats {
 };
 Stats stats();
 
+/// Every kernel launched in this process (demangled name, as in error
+/// messages) and how many of its launches ran: which kernels a test run
+/// reached. Kept across reset().
+std::vector<std::pair<std::string, std::uint64_t>> kernel_launches();
+
 // --------------------------------------------- CUDA runtime API subset ----
 cudaError_t get_last_error();
 cudaError_t peek_at_last_error();

@@ -11,7 +11,12 @@ import torch
 
 from ._version import __version__
 
-_LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libnystrom.so")
+# NYSTROM_LIBRARY names another build of the ops to load instead of the one
+# shipped here: scripts/test_emulated.sh points it at libnystrom_emulated.so,
+# the CUDA backend run on the CPU under the emulation of the CUDA execution
+# model (docs/DESIGN.md §11). Only one build of the ops can live in a process.
+_LIBRARY = os.environ.get("NYSTROM_LIBRARY") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "libnystrom.so")
 
 
 def library_path() -> str:
@@ -23,7 +28,15 @@ def library_path() -> str:
     return _LIBRARY
 
 
+if not os.path.isfile(_LIBRARY):
+    raise ImportError(f"torch_nystrom: the operator library {_LIBRARY} does not exist"
+                      + (" (set by NYSTROM_LIBRARY)" if os.environ.get("NYSTROM_LIBRARY") else ""))
 torch.ops.load_library(_LIBRARY)
+
+
+def emulated() -> bool:
+    """True when the loaded library is the emulated CUDA backend (tests only)."""
+    return hasattr(torch.ops.nystrom, "_emulator")
 
 from .functional import nystrom_attention  # noqa: E402
 from .modules import NystromAttention  # noqa: E402

@@ -5,34 +5,20 @@
 // three key splits, then merge_kernel), newton_schulz_kernel, and the
 // tensor-core tc_query_kernel (WMMA, __half).
 //
-// The sources are not yet behind the seams of cuda/emu/seams.h: they declare
-// `extern __shared__ unsigned char smem_raw[]` and launch with <<< >>>. The
-// bridge below is for this test only: with __shared__ defined as GNU __thread
-// the declaration names a thread-local array defined here, which the
-// emulator takes as every block's dynamic shared memory (poisoned and
-// guarded as usual). The launches are written here through NYSTROM_LAUNCH.
-// pool_kernel's static __shared__ array would become per thread under this
-// bridge, so it is compiled (g++ warns) but never run.
+// The kernel sources write their launches and shared memory through the
+// seams of cuda/emu/seams.h, so they build here as they are.
 #include "emu_test.h"
 
-#undef __shared__
-#define __shared__ __thread
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #include "forward_kernels.cuh"
 #include "forward_tc_kernels.cuh"
 #include "newton_schulz_kernel.cuh"
 #pragma GCC diagnostic pop
-#undef __shared__
 
 #include <cmath>
 #include <cstring>
 #include <random>
-
-namespace nystrom::cuda::kern {
-constexpr std::size_t kBridgeBytes = 256 * 1024;
-alignas(128) __thread unsigned char smem_raw[kBridgeBytes];
-}  // namespace nystrom::cuda::kern
 
 namespace {
 
@@ -41,19 +27,7 @@ using nystrom::cuda::MutRowsView;
 using nystrom::cuda::Problem;
 using nystrom::cuda::RowsView;
 
-unsigned char* bridge_buffer() { return k::smem_raw; }
-
-class RealKernels : public Emu {
- protected:
-  void SetUp() override {
-    Emu::SetUp();
-    emu::set_dynamic_shared_buffer(&bridge_buffer, k::kBridgeBytes);
-  }
-  void TearDown() override {
-    emu::set_dynamic_shared_buffer(nullptr, 0);
-    Emu::TearDown();
-  }
-};
+using RealKernels = Emu;
 
 template <typename T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
