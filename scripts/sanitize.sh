@@ -13,6 +13,9 @@
 #
 # Environment:
 #   NYSTROM_SANITIZE_BUILD_TYPE  Debug (default: -O0 -g1) or RelWithDebInfo (-O1 -g1)
+#   NYSTROM_SANITIZE_EMULATION=1 the emulated CUDA backend's C++ tests instead (the NystromCuda.* tests
+#                                on libnystrom_emulated, and the emulator's own suites; ctest label "emu";
+#                                scripts/test_emulated.sh runs this)
 #   NYSTROM_SANITIZE_CTEST=0     run the test binary once (every test in one process, about 10 s)
 #                                instead of ctest (one process per test, as scripts/test.sh does,
 #                                about 65 s); extra arguments then go to the binary (--gtest_filter=...)
@@ -42,12 +45,24 @@ if command -v ninja >/dev/null 2>&1 && [ ! -f "$BUILD_DIR/Makefile" ]; then
   GEN=(-G Ninja)
 fi
 
+EMULATION=OFF
+TARGETS=(nystrom_cpp_tests)
+LABEL=(-LE emu)
+BINARY="$BUILD_DIR/tests/cpp/nystrom_cpp_tests"
+if [ "${NYSTROM_SANITIZE_EMULATION:-0}" = "1" ]; then
+  EMULATION=ON
+  TARGETS=(nystrom_cpp_tests_emulated emu_tests emu_real_kernels)
+  LABEL=(-L emu)
+  BINARY="$BUILD_DIR/tests/cpp/nystrom_cpp_tests_emulated"
+fi
+
 t0=$(date +%s)
 echo "== configure $BUILD_DIR ($BUILD_TYPE, $SAN_FLAGS)"
 mkdir -p "$BUILD_DIR"
 cmake -S . -B "$BUILD_DIR" "${GEN[@]}" \
   -DPython3_EXECUTABLE="$PY" \
   -DNYSTROM_BUILD_TESTS=ON \
+  -DNYSTROM_BUILD_EMULATION="$EMULATION" \
   -DWITH_CUDA=OFF \
   -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
   -DCMAKE_CXX_FLAGS="$SAN_FLAGS" \
@@ -58,7 +73,7 @@ cmake -S . -B "$BUILD_DIR" "${GEN[@]}" \
   >"$BUILD_DIR/configure.log" 2>&1 || { cat "$BUILD_DIR/configure.log"; exit 1; }
 
 echo "== build (library + GoogleTest suite)"
-cmake --build "$BUILD_DIR" --target nystrom_cpp_tests -j "$MAX_JOBS"
+cmake --build "$BUILD_DIR" --target "${TARGETS[@]}" -j "$MAX_JOBS"
 t1=$(date +%s)
 
 # Runtime options (every one of them on purpose):
@@ -89,10 +104,10 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=86"
 status=0
 if [ "${NYSTROM_SANITIZE_CTEST:-1}" = "1" ]; then
   echo "== run: ctest (one process per test) $*"
-  ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$MAX_JOBS" "$@" || status=$?
+  ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$MAX_JOBS" "${LABEL[@]}" "$@" || status=$?
 else
-  echo "== run: $BUILD_DIR/tests/cpp/nystrom_cpp_tests (every test, one process) $*"
-  "$BUILD_DIR/tests/cpp/nystrom_cpp_tests" --gtest_brief=1 "$@" || status=$?
+  echo "== run: $BINARY (every test, one process) $*"
+  "$BINARY" --gtest_brief=1 "$@" || status=$?
 fi
 t2=$(date +%s)
 echo "== sanitize.sh: build $((t1 - t0)) s, run $((t2 - t1)) s, total $((t2 - t0)) s"

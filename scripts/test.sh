@@ -8,7 +8,7 @@ cd "$ROOT"
 "$ROOT/scripts/build.sh"
 
 echo "== C++ tests (ctest)"
-ctest --test-dir build --output-on-failure -j "$MAX_JOBS"
+ctest --test-dir build --output-on-failure -j "$MAX_JOBS" -LE emu  # the emulated backend: scripts/test_emulated.sh
 
 echo "== C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer"
 NYSTROM_SANITIZE_CTEST=0 bash "$ROOT/scripts/sanitize.sh"

@@ -1,6 +1,8 @@
-// The op and the layer on CUDA tensors (NystromCuda: GPU scripts select these
-// names), against the float64 CPU reference; skipped where there is no GPU
-// (the library still compiles its CUDA kernels).
+// The op and the layer on the CUDA backend (NystromCuda: GPU scripts select
+// these names), against the float64 CPU reference: on CUDA tensors, skipped
+// where there is no GPU (the library still compiles its CUDA kernels); or,
+// built into nystrom_cpp_tests_emulated (NYSTROM_TEST_EMULATED, linked
+// against the emulated CUDA backend), on the CPU tensors that backend serves.
 #include "test_util.h"
 
 #include <nystrom/nystrom.h>
@@ -14,10 +16,23 @@ namespace {
 
 using namespace nystrom_test;
 
+#if defined(NYSTROM_TEST_EMULATED)
+// The emulated CUDA backend serves CPU tensors; no CPU backend in this process.
+const torch::Device kBackend(torch::kCPU);
+constexpr bool kEmulated = true;
+#define NYSTROM_REQUIRE_CUDA() \
+  do {                         \
+  } while (0)
+#else
+const torch::Device kBackend(torch::kCUDA);
+constexpr bool kEmulated = false;
 #define NYSTROM_REQUIRE_CUDA()                                   \
   do {                                                           \
     if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device"; \
   } while (0)
+#endif
+
+Tensor on_backend(const Tensor& t) { return t.to(kBackend); }
 
 TEST(NystromCuda, ForwardAndGradientsMatchReferenceWithPadding) {
   NYSTROM_REQUIRE_CUDA();
@@ -31,15 +46,15 @@ TEST(NystromCuda, ForwardAndGradientsMatchReferenceWithPadding) {
       cfg.num_landmarks = m;
       cfg.pinv_init = init;
       const std::string what = std::string(init) + ", m=" + std::to_string(m);
-      const Tensor q = leaf(q0.cuda()), k = leaf(k0.cuda()), v = leaf(v0.cuda());
-      const Tensor out = call_op(q, k, v, cfg, kmask.cuda(), qmask.cuda());
-      ASSERT_TRUE(out.is_cuda());
+      const Tensor q = leaf(on_backend(q0)), k = leaf(on_backend(k0)), v = leaf(on_backend(v0));
+      const Tensor out = call_op(q, k, v, cfg, on_backend(kmask), on_backend(qmask));
+      ASSERT_EQ(out.device(), kBackend);
       const Tensor qr = leaf(q0), kr = leaf(k0), vr = leaf(v0);
       const Tensor expected = reference(qr, kr, vr, cfg, kmask, qmask);
       expect_close(out.cpu(), expected, 1e-7, 1e-9, "CUDA forward float64, " + what);
       torch::manual_seed(41);
       const Tensor grad_out = torch::randn_like(expected);
-      out.backward(grad_out.cuda());
+      out.backward(on_backend(grad_out));
       const auto grads = torch::autograd::grad({expected}, {qr, kr, vr}, {grad_out});
       expect_close(q.grad().cpu(), grads[0], 1e-6, 1e-8, "CUDA grad query, " + what);
       expect_close(k.grad().cpu(), grads[1], 1e-6, 1e-8, "CUDA grad key, " + what);
@@ -54,10 +69,14 @@ TEST(NystromCuda, Float32AndHalfPrecisionMatchCpu) {
   const auto [q, k, v] = random_qkv(2, 4, 300, 257, 64, 64, torch::kFloat32);
   RefConfig cfg;
   cfg.num_landmarks = 32;
-  const Tensor cpu = call_op(q, k, v, cfg);
-  expect_close_scaled(call_op(q.cuda(), k.cuda(), v.cuda(), cfg).cpu(), cpu, 1e-4, "CUDA float32 vs CPU");
+  // The CPU backend's result; the emulated backend has none in its process: the float64 reference.
+  const Tensor cpu = kEmulated ? reference(q.to(torch::kFloat64), k.to(torch::kFloat64), v.to(torch::kFloat64), cfg)
+                                     .to(torch::kFloat32)
+                               : call_op(q, k, v, cfg);
+  expect_close_scaled(call_op(on_backend(q), on_backend(k), on_backend(v), cfg).cpu(), cpu, 1e-4,
+                      "CUDA float32 vs CPU");
   for (const auto dtype : {torch::kFloat16, torch::kBFloat16}) {
-    const Tensor out = call_op(q.cuda().to(dtype), k.cuda().to(dtype), v.cuda().to(dtype), cfg);
+    const Tensor out = call_op(on_backend(q).to(dtype), on_backend(k).to(dtype), on_backend(v).to(dtype), cfg);
     EXPECT_EQ(out.scalar_type(), dtype);
     expect_close_scaled(out.cpu().to(torch::kFloat32), cpu, 3e-2, "CUDA half precision vs CPU float32");
   }
@@ -67,12 +86,12 @@ TEST(NystromCuda, ModuleTrainsOnCuda) {
   NYSTROM_REQUIRE_CUDA();
   torch::manual_seed(43);
   nystrom::NystromAttention mod(nystrom::NystromAttentionOptions(32, 4).num_landmarks(8));
-  mod->to(torch::kCUDA);
-  const Tensor x = torch::randn({3, 50, 32}, torch::kCUDA);
-  Tensor mask = torch::zeros({3, 50}, torch::TensorOptions().dtype(torch::kBool).device(torch::kCUDA));
+  mod->to(kBackend);
+  const Tensor x = torch::randn({3, 50, 32}, kBackend);
+  Tensor mask = torch::zeros({3, 50}, torch::TensorOptions().dtype(torch::kBool).device(kBackend));
   mask[2].slice(0, 41, 50).fill_(true);
   const Tensor out = mod(x, mask);
-  EXPECT_TRUE(out.is_cuda());
+  EXPECT_EQ(out.device(), kBackend);
   out.pow(2).mean().backward();
   for (const auto& p : mod->named_parameters()) {
     ASSERT_TRUE(p.value().grad().defined()) << p.key();

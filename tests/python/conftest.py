@@ -1,6 +1,7 @@
 """pytest configuration of the Python tests of torch-nystrom: import path, markers, seeding, devices.
 
-A test that takes the ``device`` fixture runs once per device of ``helpers.devices()`` (ids "cpu", "cuda"):
+A test that takes the ``device`` fixture runs once per device of ``helpers.devices()`` (ids "cpu", "cuda", and
+"emu", the CUDA backend under the CPU emulation of the CUDA execution model, when asked for):
 NYSTROM_TEST_DEVICE unset, the CPU and, when torch sees one, the GPU; set (comma-separated names), exactly
 those. A listed device that is not available fails the tests that use it, never skips them. A test that takes
 ``cuda_device`` runs on the devices among them that run the CUDA backend, and is skipped, saying so, when
@@ -50,6 +51,26 @@ def pytest_generate_tests(metafunc):
                                  ids=["no_cuda_backend"], indirect=True, scope="session")
 
 
+def pytest_sessionfinish(session, exitstatus):
+    # The kernels this run launched on the emulated backend, for scripts/test_emulated.sh's coverage check.
+    log = os.environ.get("NYSTROM_EMU_KERNEL_LOG")
+    if log and helpers.emulated_library():
+        with open(log, "a") as f:
+            f.write(torch.ops.nystrom._emulator("kernels"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # With the emulated CUDA backend loaded (scripts/test_emulated.sh), CPU tensors go to the CUDA glue and
+    # kernels: only the per-device tests, which know which backend serves them, run in such a process.
+    if not helpers.emulated_library():
+        return
+    skip = pytest.mark.skip(reason="not a per-device test: it runs on the CPU backend, and this process loaded "
+                                   "the emulated CUDA backend instead (NYSTROM_LIBRARY)")
+    for item in items:
+        if not {"device", "cuda_device"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
+
+
 def _device_fixture(request):
     try:
         return helpers.device(request.param)
@@ -68,6 +89,15 @@ def device(request):
 def cuda_device(request):
     """A helpers.Device that runs the CUDA backend."""
     return _device_fixture(request)
+
+
+@pytest.fixture(autouse=True)
+def _emulator_state():
+    """With the emulated CUDA backend, a fault inside a kernel is sticky (as on a GPU: every later call fails);
+    the test that caused it fails, and the next test starts from a reset emulator."""
+    yield
+    if helpers.emulated_library():
+        torch.ops.nystrom._emulator("reset")
 
 
 @pytest.fixture(autouse=True)

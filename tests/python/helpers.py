@@ -48,6 +48,8 @@ class Device:
     #                       the Python thread) are compared bitwise; otherwise within float32 rounding
     half_rounds_products: bool = False  # float16 / bfloat16 inputs may see products rounded to that dtype
     #                                     (tensor cores), not only float32 arithmetic
+    checks_data: bool = True  # refuses bad tensor values (every key of an element masked) with an error; the
+    #                           CUDA backend does not read them back (no host sync) and gives NaN rows instead
     other_device: str = "meta"  # where the odd tensor of a "tensor on another device" case lives
     compile_backends: Callable[[], Tuple[str, ...]] = lambda: ("aot_eager",)
     unavailable: str = ""  # why it may be missing, for the error message
@@ -64,12 +66,32 @@ class Device:
         return self.name
 
 
+def emulated_library() -> bool:
+    """Whether this process loaded the emulated CUDA backend (NYSTROM_LIBRARY=.../libnystrom_emulated.so, as
+    scripts/test_emulated.sh does): it serves CPU tensors with the CUDA glue and kernels, so the CPU backend is
+    not in this process."""
+    try:
+        import torch_nystrom
+    except ImportError:
+        return False
+    return torch_nystrom.emulated()
+
+
 DEVICES: Dict[str, Device] = {
     d.name: d
     for d in (
-        Device("cpu", "cpu", available=lambda: True, by_default=True),
+        Device("cpu", "cpu", available=lambda: not emulated_library(), by_default=True,
+               unavailable="this process loaded the emulated CUDA backend, which serves CPU tensors instead "
+                           "(NYSTROM_LIBRARY); the CPU backend runs in a process without it"),
+        # The CUDA backend on the CPU under the emulation of the CUDA execution model (cuda/emu/): the real
+        # glue and kernels, CPU tensors. One schedule of the block's threads per process
+        # (NYSTROM_EMU_SCHEDULE); scripts/test_emulated.sh runs the suite under several.
+        Device("emu", "cpu", available=emulated_library, by_default=False, cuda_backend=True,
+               half_rounds_products=True, checks_data=False,
+               unavailable="the emulated CUDA backend is not loaded: run scripts/test_emulated.sh, or set "
+                           "NYSTROM_LIBRARY to build/libnystrom_emulated.so (cmake -DNYSTROM_BUILD_EMULATION=ON)"),
         Device("cuda", "cuda", available=torch.cuda.is_available, by_default=True, cuda_backend=True, streams=True,
-               peak_memory=True, count=torch.cuda.device_count, bitwise=False, half_rounds_products=True,
+               peak_memory=True, count=torch.cuda.device_count, bitwise=False, half_rounds_products=True, checks_data=False,
                other_device="cpu", compile_backends=_cuda_compile_backends,
                unavailable="torch.cuda.is_available() is False (no GPU, no driver, or a CPU-only torch)"),
     )
@@ -430,3 +452,45 @@ def assert_same(a, b, what: str, bitwise: bool, tol: float = 1e-6):
             assert torch.equal(x, y), f"{what}: result {i} differs (max |diff| {(x - y).abs().max().item():.3e})"
         else:
             assert_rel_close(x, y, tol, f"{what}: result {i}")
+
+
+# =============================================================================================
+# The CPU backend, also from a process that loaded the emulated CUDA backend
+# =============================================================================================
+
+_CPU_BACKEND_CHILD = r"""
+import importlib, sys, torch
+sys.path.insert(0, sys.argv[1])
+module, function, args = torch.load(sys.argv[2], weights_only=False)
+torch.save(getattr(importlib.import_module(module), function)(*args), sys.argv[3])
+"""
+
+
+def on_cpu_backend(module: str, function: str, *args):
+    """`module.function(*args)` (CPU tensors in, CPU tensors out) computed by the CPU backend: here, or, when
+    this process loaded the emulated CUDA backend (which then serves CPU tensors), in a child process that
+    loads the ordinary library. `module` is importable from tests/python."""
+    if not emulated_library():
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(*args)
+    import subprocess
+    import sys
+    import tempfile
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k not in ("NYSTROM_LIBRARY", ENV_DEVICE)}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "args.pt"), os.path.join(tmp, "result.pt")
+        torch.save((module, function, args), src)
+        subprocess.run([sys.executable, "-c", _CPU_BACKEND_CHILD, here, src, dst], check=True, env=env, timeout=600)
+        return torch.load(dst, weights_only=False)
+
+
+def attention_and_gradients(q, k, v, kw, grad_out):
+    """The op's output and (dq, dk, dv) at grad_out, for CPU tensors (on_cpu_backend's unit of work)."""
+    import torch_nystrom
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = torch_nystrom.nystrom_attention(*leaves, **kw)
+    return out.detach(), torch.autograd.grad(out, leaves, grad_out)

@@ -23,7 +23,8 @@ import torch
 
 from cases import CASE
 from helpers import (Case, assert_rel_close, check_low_precision, cotangent, expected_gradients, expected_output,
-                     float32_tolerance, middle, reference, rel_err, to_device, trailing, trailing_mask)
+                     float32_tolerance, middle, on_cpu_backend, reference, rel_err, to_device, trailing,
+                     trailing_mask)
 from reference import nystrom_reference
 
 torch_nystrom = pytest.importorskip("torch_nystrom")
@@ -42,9 +43,8 @@ def test_matches_cpu_backend_float32(case_id, cuda_device):
     out = nystrom_attention(q, k, v, **kw)
     g = cotangent(out.shape, torch.float32, cuda_device)
     grads = torch.autograd.grad(out, (q, k, v), g)
-    qc, kc, vc = (t.detach().cpu().requires_grad_(True) for t in (q, k, v))
-    out_cpu = nystrom_attention(qc, kc, vc, **to_device(kw, "cpu"))
-    grads_cpu = torch.autograd.grad(out_cpu, (qc, kc, vc), g.cpu())
+    out_cpu, grads_cpu = on_cpu_backend("helpers", "attention_and_gradients", q.detach().cpu(), k.detach().cpu(),
+                                        v.detach().cpu(), to_device(kw, "cpu"), g.cpu())
     # Both run float32 math in different orders: allow twice the float32-vs-float64 error of the reference.
     ref64, ref_grads = reference(q, k, v, kw, grad_out=g)
     ref32, ref32_grads = reference(q, k, v, kw, grad_out=g, compute_dtype=torch.float32)
@@ -53,23 +53,27 @@ def test_matches_cpu_backend_float32(case_id, cuda_device):
         assert_rel_close(a.cpu(), c, 2 * float32_tolerance(1e-4, ref32_grads[i], ref_grads[i]), name)
 
 
+def layer_results(state, conv, x, mask, device="cpu"):
+    """Output, input gradient and parameter gradients of the layer with `state` at x (a unit of work for
+    on_cpu_backend; all on the CPU unless `device`)."""
+    layer = torch_nystrom.NystromAttention(96, 4, 17, pinv_init="original", conv_kernel_size=conv)
+    layer.load_state_dict(state)
+    layer.to(device)
+    xi = x.to(device).requires_grad_(True)
+    y = layer(xi, key_padding_mask=mask.to(device))
+    w = torch.linspace(-1, 1, y.numel(), device=device).view_as(y)
+    (y * w).sum().backward()
+    return y.detach().cpu(), xi.grad.cpu(), {n: p.grad.cpu() for n, p in layer.named_parameters()}
+
+
 @pytest.mark.parametrize("conv", [None, 5])
 def test_module_forward_backward_matches_cpu(conv, cuda_device):
     torch.manual_seed(1234)
-    cpu_layer = torch_nystrom.NystromAttention(96, 4, 17, pinv_init="original", conv_kernel_size=conv)
-    dev_layer = torch_nystrom.NystromAttention(96, 4, 17, pinv_init="original", conv_kernel_size=conv)
-    dev_layer.load_state_dict(cpu_layer.state_dict())
-    dev_layer.to(cuda_device.torch)
+    state = torch_nystrom.NystromAttention(96, 4, 17, pinv_init="original", conv_kernel_size=conv).state_dict()
     x = torch.randn(3, 203, 96, generator=torch.Generator().manual_seed(2))
     mask = trailing_mask(3, 203, [203, 150, 70])
-    results = []
-    for layer, dev in ((cpu_layer, torch.device("cpu")), (dev_layer, cuda_device.torch)):
-        xi = x.to(dev).requires_grad_(True)
-        y = layer(xi, key_padding_mask=mask.to(dev))
-        w = torch.linspace(-1, 1, y.numel(), device=dev).view_as(y)
-        (y * w).sum().backward()
-        results.append((y.detach().cpu(), xi.grad.cpu(), {n: p.grad.cpu() for n, p in layer.named_parameters()}))
-    (y_c, dx_c, g_c), (y_d, dx_d, g_d) = results
+    y_c, dx_c, g_c = on_cpu_backend("test_cuda", "layer_results", state, conv, x, mask)
+    y_d, dx_d, g_d = layer_results(state, conv, x, mask, cuda_device.torch)
     assert_rel_close(y_d, y_c, 1e-4, "output")
     assert_rel_close(dx_d, dx_c, 1e-4, "input gradient")
     # k_proj.bias' gradient is zero up to rounding (it shifts whole softmax rows): compare to the largest
