@@ -2,7 +2,7 @@
 # Everything: builds, then the C++ tests (CTest, then once more built with
 # ASan+UBSan), the C++ example against the installed CMake package, and the
 # Python tests (which also run that example on
-# a TorchScript model saved from Python). Extra arguments go to pytest.
+# a TorchScript model and an AOTInductor .pt2 package saved from Python). Extra arguments go to pytest.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
 "$ROOT/scripts/build.sh"
