@@ -45,4 +45,7 @@ from .attention import attention_weights  # noqa: E402
 from . import onnx  # noqa: E402  (torch_nystrom.onnx.translation_table(); onnxscript is imported on use)
 from . import lucidrains  # noqa: E402  (torch_nystrom.lucidrains.NystromAttention)
 
-__all__ = ["nystrom_attention", "attention_weights", "NystromAttention", "swap_nystromformer_attention", "lucidrains", "onnx", "library_path", "__version__"]
+__all__ = [
+    "nystrom_attention", "attention_weights", "NystromAttention", "swap_nystromformer_attention", "lucidrains",
+    "onnx", "library_path", "__version__",
+]
