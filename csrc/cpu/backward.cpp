@@ -9,7 +9,8 @@
 //   3. key pass: recompute Bm from lse_landmark per key tile; dk (direct part
 //      plus each key's share of dk̃), dv, and per tile the partial dq̃;
 //   4. each query's share of dq̃ (the landmarks are segment means).
-// Gradients accumulate in the compute dtype and are converted at the end.
+// Gradients accumulate in the compute dtype; half-precision ones are rounded
+// once, per tile (dk, dv) or at the end (dq).
 #include "cpu/tile_ops.h"
 #include "cpu/tiles.h"
 #include "newton_schulz.h"
@@ -114,8 +115,8 @@ void query_pass(BackwardState& s) {
     const Element& e = s.el[t.b];
     const Tensor lse_bh = c.lse_query[t.b][t.h].unsqueeze(1);
     if (s.fused) {
-      const Tensor qt = unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, 6, s.dp);
-      const Tensor g = unit_rows(c.grad_out[t.b][t.h], e.qidx, t.r0, t.r1, 5, 7, s.dvp);
+      const Tensor qt = unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, s.dp);
+      const Tensor g = unit_rows(c.grad_out[t.b][t.h], e.qidx, t.r0, t.r1, 5, s.dvp);
       const Tensor lse = rows(lse_bh, e.qidx, t.r0, t.r1, c.acc).contiguous();
       const int64_t n = qt.size(0);
       const bool direct = !e.qidx.defined();
@@ -287,10 +288,11 @@ void key_pass(BackwardState& s) {
     const Element& e = s.el[t.b];
     const Tensor dk_bh = s.dk[t.b][t.h], dv_bh = s.dv[t.b][t.h];
     if (s.fused) {
-      const Tensor kt = unit_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, 6, s.dp);
-      const Tensor vt = unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, 7, s.dvp);
+      const Tensor kt = unit_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, s.dp);
+      const Tensor vt = unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, s.dvp);
       const int64_t n = kt.size(0);
-      const bool direct = !e.kidx.defined();
+      // half-precision dk and dv: the tile in float32 scratch, rounded once
+      const bool direct = !e.kidx.defined() && dk_bh.scalar_type() == at::kFloat;
       Tensor dkt = direct ? dk_bh.narrow(0, t.r0, n) : scratch(2, n, c.D, c.acc_opts);
       Tensor dvt = direct ? dv_bh.narrow(0, t.r0, n) : scratch(3, n, c.Dv, c.acc_opts);
       s.part_dql[i] = at::empty({e.mq, c.D}, c.acc_opts);
@@ -304,11 +306,13 @@ void key_pass(BackwardState& s) {
       bt.ldo2 = dvt.stride(0);
       fused::backward_tile(bt);
       s.part_dql[i].mul_(c.o.scale);
-      if (!direct) {
-        put_rows(dk_bh, e.kidx, t.r0, dkt);
-        put_rows(dv_bh, e.kidx, t.r0, dvt);
+      if (direct) {
+        add_segment_rows(dk_bh, e.kidx, t.r0, t.r1, e.Sb, e.mk, s.dkl[bh]);
+      } else {
+        add_segment_rows(dkt, Tensor(), t.r0, t.r1, e.Sb, e.mk, s.dkl[bh], /*base=*/t.r0);
+        store_tile(dk_bh, e.kidx, t.r0, dkt);
+        store_tile(dv_bh, e.kidx, t.r0, dvt);
       }
-      add_segment_rows(dk_bh, e.kidx, t.r0, t.r1, e.Sb, e.mk, s.dkl[bh]);
       return;
     }
     Tensor ql_s = s.q_lm_s[t.b][t.h].narrow(0, 0, e.mq);
@@ -359,16 +363,21 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(
       op, grad_out, query, key, value, q_landmarks, k_landmarks, bv, zbv, lse_query, lse_landmark, pinv_scale,
       num_landmarks, pinv_iterations, pinv_init, key_padding_mask, query_padding_mask, scale);
   // Every real row is written, so only the rows of padded tokens need zeros.
-  auto alloc = [&](bool zero, std::initializer_list<int64_t> shape) {
-    return zero ? at::zeros(shape, c.acc_opts) : at::empty(shape, c.acc_opts);
+  // With the fused kernels, dk and dv are written in the input dtype, each
+  // tile rounded once from float32; dq (two parts from two passes) stays in
+  // float32 and is rounded at the end.
+  const bool fused = use_fused(c.acc, c.ms);
+  auto alloc = [&](bool zero, std::initializer_list<int64_t> shape, bool input_dtype) {
+    const at::TensorOptions opts = input_dtype ? c.q.options() : c.acc_opts;
+    return zero ? at::zeros(shape, opts) : at::empty(shape, opts);
   };
   const bool any_mask = c.has_query_mask || c.has_key_mask;
-  Tensor dq = alloc(c.has_query_mask, {c.B, c.H, c.L, c.D});
-  Tensor dk = alloc(any_mask, {c.B, c.H, c.S, c.D});
-  Tensor dv = alloc(any_mask, {c.B, c.H, c.S, c.Dv});
+  Tensor dq = alloc(c.has_query_mask, {c.B, c.H, c.L, c.D}, false);
+  Tensor dk = alloc(any_mask, {c.B, c.H, c.S, c.D}, fused);
+  Tensor dv = alloc(any_mask, {c.B, c.H, c.S, c.Dv}, fused);
   auto finish = [&]() {
     const at::ScalarType t = c.q.scalar_type();
-    return std::make_tuple(dq.to(t), dk.to(t), dv.to(t));
+    return std::make_tuple(converted(dq, t), converted(dk, t), converted(dv, t));
   };
   if (c.B == 0 || c.L == 0) {  // no query: nothing reaches the keys
     dk.zero_();
@@ -383,7 +392,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(
   if (s.heads.empty()) return finish();
   s.q_lm_s = c.q_landmarks * c.o.scale;
   s.k_lm_s = c.k_landmarks * c.o.scale;
-  s.fused = use_fused(c.acc, c.ms);
+  s.fused = fused;
   s.mp = round_up(c.ms, fused::kPadColumns);
   s.dp = round_up(c.D, fused::kPadColumns);
   s.dvp = round_up(c.Dv, fused::kPadColumns);

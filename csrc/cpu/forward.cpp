@@ -6,7 +6,8 @@
 //   4. out = softmax(scale q k̃ᵀ)·zbv over tiles of queries (exact elements:
 //      softmax(scale q kᵀ)·v), with the row log-sum-exps.
 // All arithmetic in float32 (float64 for float64 inputs); half-precision
-// inputs are converted a tile at a time.
+// inputs are converted a tile at a time, and the output rounded as it is
+// written.
 #include "cpu/tile_ops.h"
 #include "cpu/tiles.h"
 #include "newton_schulz.h"
@@ -78,8 +79,8 @@ void landmark_values(ForwardCall& f) {
     const Tile& t = tiles[i];
     const Element& e = f.el[t.b];
     if (f.fused) {
-      const Tensor kt = unit_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, 6, c.D);
-      const Tensor vt = unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, 7, f.dvp);
+      const Tensor kt = unit_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, c.D);
+      const Tensor vt = unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, f.dvp);
       const Tensor work = scratch(0, kt.size(0), f.mp, c.acc_opts);
       Tensor stats = at::empty({2, f.mp}, c.acc_opts);
       Tensor pv = at::empty({e.mq, c.Dv}, c.acc_opts);
@@ -156,7 +157,7 @@ void query_rows(ForwardCall& f) {
     const Tensor out_bh = out[t.b][t.h];
     const Tensor lse_bh = f.r.lse_query[t.b][t.h];
     if (f.fused && e.kind == ElementKind::kNystrom) {
-      const Tensor qt = unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, 6, c.D);
+      const Tensor qt = unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, c.D);
       const int64_t n = qt.size(0);
       // straight into out and lse_query when the tile's rows are contiguous there
       const bool direct = !e.qidx.defined() && out.scalar_type() == at::kFloat && out_bh.stride(1) == 1;
@@ -165,7 +166,7 @@ void query_rows(ForwardCall& f) {
       fused::attend_rows(qt.data_ptr<float>(), qt.stride(0), n, c.D, kT_pack[t.b][t.h].data_ptr<float>(), e.mk, f.mp,
                          w_pack[t.b][t.h].data_ptr<float>(), f.dvp, c.Dv, o.data_ptr<float>(), o.stride(0),
                          lse.data_ptr<float>());
-      if (!direct) put_rows(out_bh, e.qidx, t.r0, o);
+      if (!direct) store_tile(out_bh, e.qidx, t.r0, o);
       if (e.qidx.defined()) put_rows(lse_bh, e.qidx, t.r0, lse);
       return;
     }

@@ -51,6 +51,18 @@ void exp_shifted_rows(float* x, int64_t rows, int64_t cols, int64_t ld, const fl
   NYSTROM_FUSED_FORWARD(exp_shifted_rows(x, rows, cols, ld, offset));
 }
 
+void load_rows(const Rows& in, int64_t r0, int64_t rows, int64_t cols, float* dst, int64_t ldd, int64_t pad_to) {
+  NYSTROM_FUSED_FORWARD(load_rows(in, r0, rows, cols, dst, ldd, pad_to));
+}
+
+void store_rows(const float* src, int64_t lds, int64_t r0, int64_t rows, int64_t cols, const Rows& out) {
+  NYSTROM_FUSED_FORWARD(store_rows(src, lds, r0, rows, cols, out));
+}
+
+void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums) {
+  NYSTROM_FUSED_FORWARD(segment_sums(in, n, ms, d, sums));
+}
+
 #undef NYSTROM_FUSED_FORWARD
 
 }  // namespace nystrom::cpu::fused

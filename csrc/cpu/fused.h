@@ -20,6 +20,32 @@
 
 namespace nystrom::cpu::fused {
 
+/// The element type of rows the kernels read or write: float32, or a half
+/// type converted lane by lane (exact on the way in; rounded to nearest even
+/// on the way out, NaN kept, as c10::BFloat16 and c10::Half do).
+enum class Elem : int32_t { kF32 = 0, kBf16 = 1, kF16 = 2 };
+
+/// Rows of one (b, h) slice of a tensor: row r (of the real tokens) starts at
+/// p + (idx ? idx[r] : r) * rs elements, its columns cs elements apart.
+struct Rows {
+  const void* p = nullptr;
+  Elem e = Elem::kF32;
+  int64_t rs = 0, cs = 1;
+  const int64_t* idx = nullptr;
+};
+
+/// dst row i (float, dst + i * ldd) = row r0 + i of `in`, columns [0, cols),
+/// then zeros up to pad_to (>= cols), for i < rows.
+void load_rows(const Rows& in, int64_t r0, int64_t rows, int64_t cols, float* dst, int64_t ldd, int64_t pad_to);
+
+/// Row r0 + i of `out` (out.p written through) = src row i (src + i * lds), columns
+/// [0, cols), converted to out.e, for i < rows.
+void store_rows(const float* src, int64_t lds, int64_t r0, int64_t rows, int64_t cols, const Rows& out);
+
+/// sums (ms x d floats, row stride d) = per segment, the sum of the rows of `in`
+/// in it, for n real rows cut into ms segments (element.h), in row order.
+void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums);
+
 /// Most (padded) landmarks the fused kernels take.
 constexpr int64_t kMaxLandmarksFused = 256;
 /// Columns of the packed operands are padded to a multiple of this.
@@ -115,6 +141,9 @@ double newton_schulz_backward(const float* A, float c, const float* Z, int64_t i
                                 float* dA, float* work);                                                            \
   void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld, float* max, float* sum, bool normalize);      \
   void exp_shifted_rows(float* x, int64_t rows, int64_t cols, int64_t ld, const float* offset);                   \
+  void load_rows(const Rows& in, int64_t r0, int64_t rows, int64_t cols, float* dst, int64_t ldd, int64_t pad_to);  \
+  void store_rows(const float* src, int64_t lds, int64_t r0, int64_t rows, int64_t cols, const Rows& out);        \
+  void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums);                               \
   }
 NYSTROM_DECLARE_FUSED(avx2)
 NYSTROM_DECLARE_FUSED(avx512)

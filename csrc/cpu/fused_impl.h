@@ -11,6 +11,9 @@
 // dimension. Operands are read where they lie (row pointers and strides); only
 // the small per-head matrices are packed, by the caller.
 #include "cpu/fused.h"
+#include "element.h"
+
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -75,9 +78,11 @@ inline V vexp(V x) {
   return select(under, splat(0.0f), p * (V)e);
 }
 
+// The larger of a and b; b when a is NaN (as fmax, which is a libm call here).
+inline float fmax2(float a, float b) { return a > b ? a : b; }
 inline float hmax(V v) {
   float m = v[0];
-  for (int i = 1; i < kW; ++i) m = std::fmax(m, v[i]);
+  for (int i = 1; i < kW; ++i) m = fmax2(v[i], m);
   return m;
 }
 inline float hsum(V v) {
@@ -231,7 +236,132 @@ inline void exp_in_place(float* x, int64_t n, float shift, float* sum) {
   if (sum != nullptr) *sum = s;
 }
 
+// ---- half-precision elements ----
+// bfloat16 -> float is exact (the 16 bits become the high half); float ->
+// bfloat16 rounds to nearest even with integer arithmetic, NaN -> 0x7fc0 (as
+// c10::BFloat16). float16 <-> float through the F16C / AVX-512 conversions
+// (round to nearest even, as c10::Half). The same results on every
+// instruction set.
+typedef uint32_t VU __attribute__((vector_size(kW * 4)));
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint16_t float_to_bf16(float f) {
+  if (f != f) return 0x7fc0;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+// The rounded bfloat16 of each lane, in its low 16 bits.
+inline VU bf16_bits(V v) {
+  const VU u = (VU)v;
+  const VU r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const VU nan = (VU)(v != v);
+  return (r & ~nan) | ((VU{} + 0x7fc0u) & nan);
+}
+
+typedef uint16_t VH __attribute__((vector_size(kW * 2)));
+inline V load_half(const uint16_t* p, Elem e) {
+  if (e == Elem::kF16) {
+#if NYSTROM_SIMD_WIDTH == 16
+    return (V)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+    return (V)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+  }
+  VH h;
+  std::memcpy(&h, p, sizeof h);
+  return (V)(__builtin_convertvector(h, VU) << 16);
+}
+inline void store_half(uint16_t* p, V v, Elem e) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  if (e == Elem::kF16) {
+#if NYSTROM_SIMD_WIDTH == 16
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtps_ph(0xffff, (__m512)v, kRound));
+#else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, kRound));
+#endif
+    return;
+  }
+  const VH h = __builtin_convertvector(bf16_bits(v), VH);
+  std::memcpy(p, &h, sizeof h);
+}
+inline float half_to_float(uint16_t h, Elem e) { return e == Elem::kF16 ? _cvtsh_ss(h) : bf16_to_float(h); }
+inline uint16_t float_to_half(float f, Elem e) {
+  return e == Elem::kF16 ? _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : float_to_bf16(f);
+}
+
+// kW elements (one float) at element offset off of p, as floats.
+inline V load_elems(const void* p, Elem e, int64_t off) {
+  return e == Elem::kF32 ? load(static_cast<const float*>(p) + off) : load_half(static_cast<const uint16_t*>(p) + off, e);
+}
+inline float load_elem(const void* p, Elem e, int64_t off) {
+  return e == Elem::kF32 ? static_cast<const float*>(p)[off] : half_to_float(static_cast<const uint16_t*>(p)[off], e);
+}
+
+// Row r of `in` as floats into dst[0, cols).
+inline void load_row(const Rows& in, int64_t r, int64_t cols, float* dst) {
+  const int64_t off = (in.idx != nullptr ? in.idx[r] : r) * in.rs;
+  if (in.e == Elem::kF32) {
+    const float* src = static_cast<const float*>(in.p) + off;
+    if (in.cs == 1) {
+      std::memcpy(dst, src, cols * sizeof(float));
+    } else {
+      for (int64_t c = 0; c < cols; ++c) dst[c] = src[c * in.cs];
+    }
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(in.p) + off;
+  int64_t c = 0;
+  if (in.cs == 1)
+    for (; c + kW <= cols; c += kW) store(dst + c, load_half(src + c, in.e));
+  for (; c < cols; ++c) dst[c] = half_to_float(src[c * in.cs], in.e);
+}
+
 }  // namespace
+
+void load_rows(const Rows& in, int64_t r0, int64_t rows, int64_t cols, float* dst, int64_t ldd, int64_t pad_to) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* d = dst + i * ldd;
+    load_row(in, r0 + i, cols, d);
+    for (int64_t c = cols; c < pad_to; ++c) d[c] = 0.0f;
+  }
+}
+
+void store_rows(const float* src, int64_t lds, int64_t r0, int64_t rows, int64_t cols, const Rows& out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = src + i * lds;
+    const int64_t off = (out.idx != nullptr ? out.idx[r0 + i] : r0 + i) * out.rs;
+    if (out.e == Elem::kF32) {
+      float* d = static_cast<float*>(const_cast<void*>(out.p)) + off;
+      for (int64_t c = 0; c < cols; ++c) d[c * out.cs] = s[c];
+      continue;
+    }
+    uint16_t* d = static_cast<uint16_t*>(const_cast<void*>(out.p)) + off;
+    int64_t c = 0;
+    if (out.cs == 1)
+      for (; c + kW <= cols; c += kW) store_half(d + c, load(s + c), out.e);
+    for (; c < cols; ++c) d[c * out.cs] = float_to_half(s[c], out.e);
+  }
+}
+
+void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums) {
+  for (int64_t j = 0; j < ms; ++j) {
+    float* o = sums + j * d;
+    for (int64_t c = 0; c < d; ++c) o[c] = 0.0f;
+    for (int64_t r = segment_start(j, n, ms); r < segment_start(j + 1, n, ms); ++r) {
+      const int64_t off = (in.idx != nullptr ? in.idx[r] : r) * in.rs;
+      int64_t c = 0;
+      if (in.cs == 1)
+        for (; c + kW <= d; c += kW) store(o + c, load(o + c) + load_elems(in.p, in.e, off + c));
+      for (; c < d; ++c) o[c] += load_elem(in.p, in.e, off + c * in.cs);
+    }
+  }
+}
 
 void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld, float* max, float* sum, bool normalize) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -240,7 +370,7 @@ void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld, float* max, 
     int64_t c = 0;
     for (; c + kW <= cols; c += kW) vm = vmax(vm, load(row + c));
     float mx = hmax(vm);
-    for (; c < cols; ++c) mx = std::fmax(mx, row[c]);
+    for (; c < cols; ++c) mx = fmax2(row[c], mx);
     float s = 0.0f;
     exp_in_place(row, cols, mx, &s);
     max[r] = mx;
@@ -274,7 +404,7 @@ void attend_rows(const float* q, int64_t ldq, int64_t rows, int64_t D, const flo
       int64_t c = 0;
       for (; c + kW <= m; c += kW) vm = vmax(vm, load(row + c));
       float mx = hmax(vm);
-      for (; c < m; ++c) mx = std::fmax(mx, row[c]);
+      for (; c < m; ++c) mx = fmax2(row[c], mx);
       for (c = m; c < mp; ++c) row[c] = -INFINITY;
       V vs = splat(0.0f);
       const V vmx = splat(mx);

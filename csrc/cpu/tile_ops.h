@@ -19,6 +19,29 @@ namespace nystrom::cpu {
 
 // ---------------------------------------------------------- real rows ----
 
+/// The element type of the fused kernels (fused.h) for a tensor's dtype:
+/// float32, bfloat16 or float16 (the inputs whose compute dtype is float32).
+inline fused::Elem elem_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return fused::Elem::kF32;
+    case at::kBFloat16: return fused::Elem::kBf16;
+    case at::kHalf: return fused::Elem::kF16;
+    default: TORCH_INTERNAL_ASSERT(false, "the fused CPU kernels take float32, bfloat16 or float16 rows, not ", t);
+  }
+}
+
+/// The real rows of x_bh (n x d; idx as in Element) as the fused kernels read
+/// and write them.
+inline fused::Rows rows_of(const Tensor& x_bh, const Tensor& idx) {
+  fused::Rows r;
+  r.p = x_bh.data_ptr();
+  r.e = elem_of(x_bh.scalar_type());
+  r.rs = x_bh.stride(0);
+  r.cs = x_bh.stride(1);
+  r.idx = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+  return r;
+}
+
 /// Rows [r0, r1) of the real tokens of x_bh (n x d), in the compute dtype acc:
 /// a view when nothing must be gathered (padding) or converted (float16 /
 /// bfloat16 inputs); else a copy, into scratch slot `slot` when one is given
@@ -78,6 +101,15 @@ inline Tensor inverse_segment_sizes(int64_t n, int64_t ms, at::ScalarType acc) {
 
 /// Segment means (landmarks) of the n real rows of x_bh: (ms x d).
 inline Tensor landmarks(const Tensor& x_bh, const Tensor& idx, int64_t n, int64_t ms, at::ScalarType acc) {
+  if (isa() != Isa::kNone && acc == at::kFloat) {
+    // float32, bfloat16 or float16 rows: converted and summed row by row in
+    // one pass (fused.h). perf at n = 4096: ATen's mean over the segments
+    // took 7% of the float32 forward, and its gather, convert and index_add
+    // for half inputs more than that.
+    Tensor sums = at::empty({ms, x_bh.size(1)}, x_bh.options().dtype(acc));
+    fused::segment_sums(rows_of(x_bh, idx), n, ms, x_bh.size(1), sums.data_ptr<float>());
+    return sums.mul_(inverse_segment_sizes(n, ms, acc));
+  }
   if (!idx.defined() && n % ms == 0 && x_bh.scalar_type() == acc) {
     // Equal segments of contiguous rows in the compute dtype (the common
     // case): one reduction, no temporary beyond the result.
@@ -94,10 +126,11 @@ inline Tensor landmarks(const Tensor& x_bh, const Tensor& idx, int64_t n, int64_
 
 /// dst_bh[real rows r0..r1) += src[segment of the row] for a sequence of n real
 /// tokens in ms segments (src: ms x d, same dtype as dst): the gradient of a
-/// segment sum reaching its tokens. A plain loop: gathering the rows first
-/// (index_select) took longer than the add.
+/// segment sum reaching its tokens. Real row r is row idx[r] of dst_bh, or row
+/// r - base without idx (base = r0: dst_bh holds just the tile). A plain loop:
+/// gathering the rows first (index_select) took longer than the add.
 inline void add_segment_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0, int64_t r1, int64_t n,
-                             int64_t ms, const Tensor& src) {
+                             int64_t ms, const Tensor& src, int64_t base = 0) {
   const Tensor s = src.contiguous();
   const int64_t d = dst_bh.size(1), rs = dst_bh.stride(0), cs = dst_bh.stride(1);
   const int64_t* ip = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
@@ -105,7 +138,7 @@ inline void add_segment_rows(const Tensor& dst_bh, const Tensor& idx, int64_t r0
     scalar_t* out = dst_bh.data_ptr<scalar_t>();
     const scalar_t* in = s.data_ptr<scalar_t>();
     for (int64_t r = r0; r < r1; ++r) {
-      scalar_t* o = out + (ip ? ip[r] : r) * rs;
+      scalar_t* o = out + (ip ? ip[r] : r - base) * rs;
       const scalar_t* a = in + segment_of(r, n, ms) * d;
       if (cs == 1) {
         for (int64_t c = 0; c < d; ++c) o[c] += a[c];
@@ -208,17 +241,41 @@ inline Tensor padded_square(const Tensor& x, int64_t n, int slot) {
   return out;
 }
 
-/// rows(...) in float32 (gathered or converted into scratch slot `slot` if
-/// need be) with unit column stride and at least `ld` floats per row
-/// readable: else copied, zero-padded, into slot `pad_slot`.
-inline Tensor unit_rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, int slot, int pad_slot,
-                        int64_t ld) {
-  Tensor t = rows(x_bh, idx, r0, r1, at::kFloat, slot);
-  if (t.stride(1) == 1 && t.size(1) >= ld) return t;
-  Tensor padded = scratch(pad_slot, r1 - r0, ld, x_bh.options().dtype(at::kFloat));
-  padded.narrow(1, t.size(1), ld - t.size(1)).zero_();
-  padded.narrow(1, 0, t.size(1)).copy_(t);
-  return padded;
+/// Real rows [r0, r1) of x_bh (float32, bfloat16 or float16) as float32 rows
+/// with unit column stride and at least `ld` floats per row readable: a view
+/// of float32 rows that are so already; else gathered, converted and
+/// zero-padded to ld columns into scratch slot `slot` (fused::load_rows).
+inline Tensor unit_rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, int slot, int64_t ld) {
+  if (!idx.defined() && x_bh.scalar_type() == at::kFloat && x_bh.stride(1) == 1 && x_bh.size(1) >= ld)
+    return x_bh.narrow(0, r0, r1 - r0);
+  Tensor out = scratch(slot, r1 - r0, ld, x_bh.options().dtype(at::kFloat));
+  fused::load_rows(rows_of(x_bh, idx), r0, r1 - r0, x_bh.size(1), out.data_ptr<float>(), ld, ld);
+  return out;
+}
+
+/// x (float32 or float64, contiguous) in dtype t: x itself when it has it;
+/// float32 to half precision through fused::store_rows, a block of rows per task.
+inline Tensor converted(const Tensor& x, at::ScalarType t) {
+  if (x.scalar_type() == t) return x;
+  if (isa() == Isa::kNone || x.scalar_type() != at::kFloat || !x.is_contiguous() || x.dim() == 0) return x.to(t);
+  Tensor out = at::empty(x.sizes(), x.options().dtype(t));
+  const int64_t d = x.size(-1), rows = d == 0 ? 0 : x.numel() / d, block = 1024;
+  fused::Rows dst;
+  dst.p = out.data_ptr();
+  dst.e = elem_of(t);
+  dst.rs = d;
+  const float* src = x.data_ptr<float>();
+  run_tasks((rows + block - 1) / block, double(block) * d, [&](int64_t i) {
+    const int64_t r0 = i * block;
+    fused::store_rows(src + r0 * d, d, r0, std::min(block, rows - r0), d, dst);
+  });
+  return out;
+}
+
+/// Real rows [r0, r0 + src rows) of dst_bh = src (float32 rows, unit column
+/// stride), converted to dst_bh's dtype (fused::store_rows).
+inline void store_tile(const Tensor& dst_bh, const Tensor& idx, int64_t r0, const Tensor& src) {
+  fused::store_rows(src.data_ptr<float>(), src.stride(0), r0, src.size(0), src.size(1), rows_of(dst_bh, idx));
 }
 
 }  // namespace nystrom::cpu

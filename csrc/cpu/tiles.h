@@ -142,7 +142,11 @@ struct TileIndex {
 /// (logits, probabilities: up to 2048 x m floats) come from here instead of
 /// fresh allocations: a fresh buffer of that size is mapped and faulted in
 /// page by page each time, which costs more than the arithmetic on it.
-/// Buffers live for one chunk of one call (run_tasks), never beyond the call.
+/// Each thread keeps one workspace across calls (run_tasks), so that only the
+/// first call of a thread maps these buffers; it keeps at most kKeepBytes per
+/// slot (2048 x 128 floats: every tile at D, Dv, m <= 128) and releases larger
+/// buffers when its chunk ends. A task that itself runs tasks on the same
+/// thread gets a fresh workspace for them (its own buffers stay its own).
 class Workspace {
  public:
   /// A (rows x cols) matrix in slot `slot` (< kSlots); contents undefined.
@@ -153,13 +157,25 @@ class Workspace {
     }
     return b.narrow(0, 0, rows * cols).view({rows, cols});
   }
+  /// Releases the buffers above kKeepBytes.
+  void trim() {
+    for (Tensor& b : buf_)
+      if (b.defined() && b.nbytes() > kKeepBytes) b = Tensor();
+  }
   static constexpr int kSlots = 8;
+  static constexpr size_t kKeepBytes = size_t{1} << 20;
 
  private:
   std::array<Tensor, kSlots> buf_;
 };
 
 inline thread_local Workspace* tls_workspace = nullptr;
+
+/// The workspace this thread keeps across calls.
+inline Workspace& thread_workspace() {
+  static thread_local Workspace ws;
+  return ws;
+}
 
 /// Slot `slot` of the running task's workspace (a fresh tensor outside run_tasks).
 inline Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
@@ -188,11 +204,17 @@ void run_tasks(int64_t n, double cost, const F& f) {
       static_cast<int64_t>(std::min<double>(per_chunk, static_cast<double>(std::max<int64_t>(n, 1))));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     TaskGuard guard;
-    Workspace ws;
-    Workspace* const outer = tls_workspace;
-    tls_workspace = &ws;
+    struct Use {  // installs a workspace for the chunk, restores the caller's after it (also on a throw)
+      Workspace* const outer = tls_workspace;
+      std::optional<Workspace> nested;
+      Workspace* const ws = outer == nullptr ? &thread_workspace() : &nested.emplace();
+      Use() { tls_workspace = ws; }
+      ~Use() {
+        tls_workspace = outer;
+        ws->trim();
+      }
+    } use;
     for (int64_t i = begin; i < end; ++i) f(i);
-    tls_workspace = outer;
   });
 }
 

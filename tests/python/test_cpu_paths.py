@@ -6,7 +6,9 @@ exponentials), ``avx2`` = the AVX2 fused kernels even where AVX-512 exists, ``0`
 (what other CPUs and float64 run). The cases reach every branch of the fused kernels' callers: padding
 (gathered rows), value widths and landmark counts that are not multiples of the vector width, inputs
 whose rows are not contiguous, the most landmarks the fused kernels take (256) and one more (falls back),
-cross-attention, and bfloat16 inputs (converted tile by tile).
+cross-attention, and bfloat16 / float16 inputs (converted as the kernels read them, outputs and gradients
+rounded once) with padding, odd widths and strided rows. Every path also runs each case twice in its
+process: the results must be bitwise equal (reproducible per thread count and instruction set).
 """
 
 from __future__ import annotations
@@ -31,19 +33,47 @@ CASES = {
     "m257": (1, 1, 700, 700, 16, 16, 257, "float32", "contiguous", False),
     "cross": (2, 1, 333, 1100, 32, 48, 33, "float32", "contiguous", True),
     "bf16": (1, 2, 300, 300, 64, 64, 32, "bfloat16", "contiguous", False),
+    "bf16_masked_odd": (3, 2, 301, 277, 24, 24, 19, "bfloat16", "contiguous", True),
+    "fp16_strided": (1, 2, 517, 517, 40, 72, 100, "float16", "transposed", False),
+    "fp16_cross_masked": (2, 1, 333, 1100, 32, 48, 33, "float16", "contiguous", True),
 }
+
+# float32: relative error (max-norm, helpers.rel_err) allowed between two paths and against the
+# float64 reference. Half precision: every entry must be the float64 reference correctly rounded to
+# the dtype (within half a unit in its last place), or two paths within one unit of each other, up to
+# float32 arithmetic noise of HALF_SLACK times the largest entry.
+TOLERANCE = {"float32": (3e-5, 1e-4)}
+PRECISION_BITS = {"bfloat16": 8, "float16": 11}
+HALF_SLACK = 2e-5
+
+
+def ulp(x, dtype):
+    """The spacing of `dtype` values at each entry of x (float64; float16 subnormals included)."""
+    _, exponent = torch.frexp(x.abs())
+    spacing = torch.ldexp(torch.ones_like(x), exponent - PRECISION_BITS[dtype])
+    return spacing.clamp_min(2.0**-24 if dtype == "float16" else 0.0)
+
+
+def assert_rounded(actual, expected, dtype, units, what):
+    """|actual - expected| <= units * ulp(expected) + HALF_SLACK * max |expected|, entry by entry."""
+    a, e = actual.double(), expected.double()
+    excess = (a - e).abs() - units * ulp(e, dtype) - HALF_SLACK * e.abs().max()
+    assert excess.max().item() <= 0, (what, "off by", excess.max().item(), "beyond the rounding of", dtype)
 
 _SCRIPT = r"""
 import sys, torch, torch_nystrom
 sys.path.insert(0, sys.argv[2])
 from test_cpu_paths import CASES, make_case
 results = {}
-for name in CASES:
+def run(name):
     q, k, v, kpm, qpm, m = make_case(name)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = torch_nystrom.nystrom_attention(q, k, v, m, key_padding_mask=kpm, query_padding_mask=qpm)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype))
-    results[name] = [out.detach(), q.grad, k.grad, v.grad]
+    return [out.detach(), q.grad, k.grad, v.grad]
+for name in CASES:
+    first, again = run(name), run(name)
+    results[name] = first + [all(torch.equal(a, b) for a, b in zip(first, again))]
 torch.save(results, sys.argv[1])
 """
 
@@ -91,15 +121,21 @@ def test_paths_agree_and_match_float64(paths, name):
     q, k, v, kpm, qpm, m = make_case(name)
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
     ref = nystrom_reference(q, k, v, m, key_padding_mask=kpm, query_padding_mask=qpm)
-    low = CASES[name][7] == "bfloat16"
+    dtype = CASES[name][7]
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))  # as the script draws it
-    ref.backward(grad.to(torch.bfloat16 if low else torch.float32).double())
+    ref.backward(grad.to(getattr(torch, dtype)).double())
     expected = [ref.detach(), q.grad, k.grad, v.grad]
-    agree, to_ref = (3e-2, 3e-2) if low else (3e-5, 1e-4)
     base = paths["0"][name]
     for flag in ("best", "avx2", "0"):
         got = paths[flag][name]
+        assert got[4], (flag, "two runs in one process differ")
         for what, a, b, e in zip(("out", "dq", "dk", "dv"), got, base, expected):
+            assert a.dtype == getattr(torch, dtype), (flag, what, a.dtype)
             assert torch.isfinite(a).all(), (flag, what)
-            assert rel_err(a.double(), b.double()) < agree, (flag, what, rel_err(a.double(), b.double()))
-            assert rel_err(a.double(), e) < to_ref, (flag, what, rel_err(a.double(), e))
+            if dtype == "float32":
+                agree, to_ref = TOLERANCE[dtype]
+                assert rel_err(a.double(), b.double()) < agree, (flag, what, rel_err(a.double(), b.double()))
+                assert rel_err(a.double(), e) < to_ref, (flag, what, rel_err(a.double(), e))
+            else:
+                assert_rounded(a, b, dtype, 1.0, (flag, what, "against path 0"))
+                assert_rounded(a, e, dtype, 0.5, (flag, what, "against float64"))
