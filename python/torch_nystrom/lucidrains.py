@@ -64,8 +64,8 @@ class _Landmarks:
             count = keep.reshape(b, m, seg).sum(dim=-1)
             # integer count + eps: the default dtype, as in the package (float32 rounds eps away for count >= 1)
             divisor = (count + eps)[:, None, :, None]
-            self.q = q_sum / divisor
-            self.k = k_sum / divisor
+            self.q = (q_sum / divisor).to(qs.dtype)  # a float32 divisor must not promote half inputs
+            self.k = (k_sum / divisor).to(k.dtype)
             self.present = count > 0
 
     def pinv(self, iterations: int) -> Tensor:

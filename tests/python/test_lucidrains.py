@@ -111,6 +111,22 @@ def test_matches_package_float64(n):
     assert_same(run(ours, x, mask), run(theirs, x, mask), TOL[torch.float64], f"n={n} masked")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_half_precision_keeps_the_dtype(dtype, masked):
+    """float16 / bfloat16 in, the same dtype out (the m-sized parts in float32), close to the float32 package."""
+    theirs, ours = make_pair()
+    ours = ours.to(dtype)
+    x = inputs(2, 41)
+    mask = _masks(41)["trailing-and-hole"][:2] if masked else None
+    with torch.no_grad():
+        out = ours(x.to(dtype), mask=mask)
+        _, attn = ours(x.to(dtype), mask=mask, return_attn=True)
+        expected = theirs(x, mask=mask)
+    assert out.dtype == attn.dtype == dtype
+    assert rel_err(out, expected) <= 2e-2, f"{rel_err(out, expected):.3e}"
+
+
 def test_matches_package_more_landmarks_and_iterations():
     """Default-like sizes: dim_head 64, 8 iterations, m = 32, n = 300 (an uneven last segment of the padding)."""
     theirs, ours = make_pair(heads=2, dim_head=64, m=32, pinv_iterations=8)
