@@ -80,8 +80,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor]) -> T
     key_padding (B, S) bool, True = left out. A batch element whose keys are all left out is computed
     without the mask (the caller replaces its rows).
 
-    torch's scaled_dot_product_attention, O(L S) memory: the op's exact path would do the same
-    arithmetic but allocates (B, H, max(L, S))^2 buffers when L != S (see the module notes).
+    torch's scaled_dot_product_attention, O(L S) memory. The op's exact path (num_landmarks >= L, S)
+    would do the same arithmetic, but it sizes its landmark buffers (B, H, ms, ms) with
+    ms = min(num_landmarks, max(L, S)): 2 GiB at L = 256, S = 8192, H = 8, where SDPA needs a few MiB.
     """
     attn_mask = None
     if key_padding is not None:
