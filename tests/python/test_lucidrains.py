@@ -229,6 +229,21 @@ def test_attention_map_of_one_row_is_linear_in_n():
     assert abs(row.sum().item() - 1.0) < 1e-3  # the map over the input tokens sums to ~1
 
 
+@pytest.mark.xfail(strict=True, reason="needs the op's exact path to size its buffers by L and S, not max(L, S)^2 "
+                                      "(then the composition's two products can be op calls instead of SDPA)")
+def test_op_exact_path_memory_is_linear_in_the_long_side():
+    """The composition's products have one side m long: on the op's exact path (num_landmarks >= L, S) they should
+    take O(L S) memory, as SDPA does. Today the op allocates (B, H, max(L, S))^2 landmark buffers."""
+    q = torch.randn(1, 2, 64, 32)
+    k, v = torch.randn(1, 2, 4096, 32), torch.randn(1, 2, 4096, 32)
+    big = k.size(2)
+    largest, out = _largest_allocation(
+        lambda: torch.ops.nystrom.nystrom_attention(q, k, v, big, 0, "per_head", None, None, 1.0))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+    assert rel_err(out, expected) <= 1e-5
+    assert largest <= 16 * 2**20, f"largest allocation {largest / 2**20:.0f} MiB (L S = {64 * 4096} scores per head)"
+
+
 def test_train_mode_dropout_and_errors():
     _, ours = make_pair(dropout=0.5)
     ours.train()
