@@ -42,6 +42,14 @@ struct ForwardCall {
 void landmarks_and_kernel(ForwardCall& f) {
   const detail::Call& c = f.c;
   const double md = static_cast<double>(c.ms);
+  // Only the Nyström path has landmarks and an A. With no Nyström element ms
+  // may be as long as the sequence (num_landmarks >= L, S), and (ms x ms) per
+  // head would be quadratic in it: nothing is allocated.
+  if (f.heads.empty()) {
+    f.q_lm_s = f.r.q_landmarks;  // zeros, unused
+    f.k_lm_s = f.r.k_landmarks;
+    return;
+  }
   f.A_all = at::zeros({c.B, c.H, c.ms, c.ms}, c.acc_opts);
   f.pinv_c.assign(c.B * c.H, 0.0);
   run_tasks(static_cast<int64_t>(f.heads.size()), double(c.L + c.S) * c.D + md * md * c.D, [&](int64_t i) {
