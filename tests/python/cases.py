@@ -64,6 +64,9 @@ CASES = [
     Case("tc_d64_m64", B=2, H=2, L=300, S=270, D=64, Dv=64, m=64, key_mask=scattered(0.2),
          query_mask=middle((40, 90), (0, 0))),
     Case("tc_d128_m17_cross", B=1, H=3, L=257, S=411, D=128, Dv=128, m=17, key_mask=trailing(350)),
+    # The mixed head-dim instances of the tensor-core kernels: (D, Dv) = (64, 128) and (128, 64).
+    Case("tc_d64_dv128", B=1, H=2, L=90, S=150, D=64, Dv=128, m=40, key_mask=trailing(120)),
+    Case("tc_d128_dv64", B=2, H=1, L=130, S=70, D=128, Dv=64, m=48, query_mask=middle((10, 20), (0, 0))),
 ]
 CASE = {c.id: c for c in CASES}
 assert len(CASE) == len(CASES), "case ids must be unique"

@@ -48,7 +48,7 @@ def test_gradients_match_reference(case_id, dtype, device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=FLOAT_IDS.get)
 @pytest.mark.parametrize("case_id", ["both_masks", "d7_m17_random_masks", "d64_m64_cross", "d96_m100_middle_original",
-                                     "d256_m256_masks", "tc_d64_m64", "tc_d128_m17_cross"])
+                                     "d256_m256_masks", "tc_d64_m64", "tc_d128_m17_cross", "tc_d64_dv128"])
 def test_low_precision_backward(case_id, dtype, device):
     qkv, kw, g, grads = _grads(case_id, dtype, device)
     _, ref_grads = reference(*qkv, kw, grad_out=g)

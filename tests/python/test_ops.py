@@ -211,7 +211,7 @@ def test_non_contiguous_cross_broadcast_and_masks(L, S, m, device):
 
 HALF_IDS = ["both_masks", "mixed_exact_and_nystrom", "original_init", "long_multi_tile", "d7_m17_random_masks",
             "d64_m64_cross", "d96_m100_middle_original", "d128_m128_random_key", "d256_m256_masks", "long_tiles",
-            "tc_d64_m64", "tc_d128_m17_cross"]
+            "tc_d64_m64", "tc_d128_m17_cross", "tc_d64_dv128", "tc_d128_dv64"]
 
 
 @pytest.mark.parametrize("dtype", HALFS, ids=FLOAT_IDS.get)
