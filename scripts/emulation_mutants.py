@@ -4,7 +4,7 @@ a time to a scratch copy of the sources, each of which the emulated suite must c
 
     python scripts/emulation_mutants.py [--out benchmarks/results/emulation_mutants.txt] [--keep DIR]
 
-For every mutant: the scratch copy gets the one edit (the exact text must be found, so a mutant cannot go stale
+The scratch copy holds the committed sources (git HEAD). For every mutant it gets the one edit (the exact text must be found, so a mutant cannot go stale
 silently), the emulated library is rebuilt there (incrementally: only the kernel files change), and the
 emulated per-device tests run until the first failure (pytest -x) under one schedule. A mutant that passes the
 suite is a hole in it, and the script exits non-zero. The unmutated copy must pass first.
@@ -63,11 +63,6 @@ def run(cmd, cwd, env=None, log=None, timeout=None):
     return res
 
 
-def tracked_files():
-    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if os.path.isfile(os.path.join(ROOT, f))]
-
-
 def first_failure(output: str) -> str:
     lines = output.splitlines()
     for i, line in enumerate(lines):
@@ -89,9 +84,9 @@ def main() -> int:
     scratch = args.keep or tempfile.mkdtemp(prefix="nystrom-mutants-")
     src, build = os.path.join(scratch, "src"), os.path.join(scratch, "build")
     os.makedirs(src, exist_ok=True)
-    for f in tracked_files():
-        os.makedirs(os.path.dirname(os.path.join(src, f)), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, f), os.path.join(src, f))
+    # The committed sources (HEAD), not the working tree: what the record is about is reproducible.
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
     log = open(os.path.join(scratch, "mutants.log"), "w")
     jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
     t0 = time.time()
