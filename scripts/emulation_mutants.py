@@ -65,6 +65,10 @@ def run(cmd, cwd, env=None, log=None, timeout=None):
 
 def first_failure(output: str) -> str:
     lines = output.splitlines()
+    fatal = [l.strip() for l in lines if l.startswith("Fatal Python error")]
+    if fatal:  # the process died (an out-of-bounds write outside the emulator's guards): where it was
+        where = [l.strip() for l in lines if "/tests/python/test_" in l and ", line " in l]
+        return f"the test process crashed: {fatal[0]}" + (f" ({where[-1]})" if where else "")
     for i, line in enumerate(lines):
         if line.startswith("FAILED") or line.startswith("ERROR "):
             return line.strip()
