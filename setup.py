@@ -9,6 +9,7 @@ Environment: NYSTROM_BUILD_DIR (default build/), NYSTROM_CMAKE_ARGS (extra
 arguments for the CMake configure step, e.g. "-DNYSTROM_BUILD_TESTS=ON"),
 MAX_JOBS (parallel compile jobs).
 """
+import glob
 import os
 import shlex
 import shutil
@@ -33,11 +34,17 @@ class CMakeBuild(build_ext):
         subprocess.check_call(configure)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(["cmake", "--build", build_dir, "--target", "nystrom", "-j", jobs])
-        target = os.path.join(os.path.abspath(self.build_lib), "torch_nystrom", "libnystrom.so")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(os.path.realpath(os.path.join(build_dir, "libnystrom.so")), target)
-        if self.inplace:
-            shutil.copyfile(target, os.path.join(ROOT, "python", "torch_nystrom", "libnystrom.so"))
+        package = os.path.join(os.path.abspath(self.build_lib), "torch_nystrom")
+        os.makedirs(package, exist_ok=True)
+        built = [os.path.realpath(os.path.join(build_dir, "libnystrom.so"))]
+        # torch_nystrom._C (pybind11, for python -m torch_nystrom.info), where CMake could build it.
+        if subprocess.call(["cmake", "--build", build_dir, "--target", "nystrom_python", "-j", jobs]) == 0:
+            built += glob.glob(os.path.join(build_dir, "_C.*.so"))
+        for path in built:
+            name = "libnystrom.so" if path == built[0] else os.path.basename(path)
+            shutil.copyfile(path, os.path.join(package, name))
+            if self.inplace:
+                shutil.copyfile(path, os.path.join(ROOT, "python", "torch_nystrom", name))
 
 
 version = {}

@@ -28,6 +28,7 @@ add_library(nystrom_emulated SHARED
   csrc/cuda/forward.cpp
   csrc/cuda/backward.cpp
   csrc/cuda/emulator_control.cpp
+  csrc/cuda/cuda_build_info.cpp
   $<TARGET_OBJECTS:nystrom_common>)
 set_target_properties(nystrom_emulated PROPERTIES
   CXX_STANDARD ${NYSTROM_CXX_STANDARD}
