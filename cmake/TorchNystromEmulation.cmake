@@ -27,6 +27,7 @@ add_library(nystrom_emulated SHARED
   ${_nystrom_emu_wrappers}
   csrc/cuda/forward.cpp
   csrc/cuda/backward.cpp
+  csrc/cuda/stages.cpp
   csrc/cuda/emulator_control.cpp
   csrc/cuda/cuda_build_info.cpp
   $<TARGET_OBJECTS:nystrom_common>)
