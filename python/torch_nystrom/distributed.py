@@ -6,8 +6,9 @@ rank order, shards may differ in length and may be empty. :func:`nystrom_attenti
 gradients equal those of :func:`torch_nystrom.nystrom_attention` on the concatenated sequence.
 
 What travels between the ranks does not grow with the sequence length: per call, the real-token counts of
-every batch element, then per head ``m x (2 D + Dv)`` landmark sums, ``m`` row maxima and ``m x (Dv + 1)``
-merged ``Bm·V`` partials; per backward ``m x (D + Dv)`` and ``m x D``. The arithmetic between the collectives
+every batch element, then per head ``m x 2D`` landmark sums (``m x (2D + Dv)`` when an element of the batch
+takes the exact path: its values travel too), ``m`` row maxima and ``m x (Dv + 1)`` merged ``Bm·V``
+partials; per backward ``m x (D + Dv)`` and ``m x D``. The arithmetic between the collectives
 is done by registered ops (``torch.ops.nystrom.nystrom_sp_*``, CPU and CUDA kernels); the collectives are
 ``torch.distributed._functional_collectives``, inside a :class:`torch.autograd.Function`.
 """
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-__all__ = ["nystrom_attention", "communication_log", "shard_bounds"]
+__all__ = ["nystrom_attention", "depthwise_conv_along_shards", "communication_log", "shard_bounds"]
 
 _OPS = torch.ops.nystrom
 _NAME = "torch_nystrom.distributed.nystrom_attention"
@@ -42,6 +43,10 @@ def communication_log() -> Iterator[List[Tuple[str, int]]]:
         _log = previous
 
 
+# all_gather_single in recent torch (all_gather_tensor, its older name, warns there)
+_gather_fn = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def _wait(t: Tensor) -> Tensor:
     return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
@@ -55,7 +60,7 @@ def _all_reduce(t: Tensor, op: str, group) -> Tensor:
 def _all_gather(t: Tensor, group) -> Tensor:
     if _log is not None:
         _log.append(("all_gather", t.numel() * t.element_size()))
-    return _wait(funcol.all_gather_tensor(t.contiguous(), 0, group))
+    return _wait(_gather_fn(t.contiguous(), 0, group))
 
 
 def _sum_many(tensors: List[Tensor], group) -> List[Tensor]:
@@ -75,9 +80,10 @@ def shard_bounds(length: int, world_size: int, rank: int) -> Tuple[int, int]:
 
 
 def _geometry(query: Tensor, key: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor], num_landmarks: int,
-              group) -> Tuple[Tensor, int]:
+              group) -> Tuple[Tensor, int, bool]:
     """Per batch element [q_offset, q_total, k_offset, k_total] of this rank's real tokens (int64 (B, 4), on the
-    host), and the landmark rows of the stage tensors: one all-gather of the local counts."""
+    host), the landmark rows of the stage tensors, and whether an element takes the exact path: one all-gather
+    of the local counts."""
     B, L, S = query.size(0), query.size(2), key.size(2)
     dev = query.device
     lq = (~qpm).sum(1) if qpm is not None else torch.full((B,), L, dtype=torch.long, device=dev)
@@ -98,14 +104,19 @@ def _geometry(query: Tensor, key: Tensor, kpm: Optional[Tensor], qpm: Optional[T
         raise ValueError(f"{_NAME}: key_padding_mask masks every key of batch element {b} (over all the shards); "
                          "each batch element with real queries needs at least one real key")
     rows = max(1, min(num_landmarks, max(int(total[2 * B]), int(total[2 * B + 1]))))
-    return geometry, rows
+    # element.h's element_kind: with no exact-path element the value rows are zero on every rank
+    exact = bool(((q_total > 0) & (k_total > 0) & (q_total <= num_landmarks) & (k_total <= num_landmarks)).any())
+    return geometry, rows, exact
 
 
 class _SequenceParallelNystrom(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, kpm, qpm, geometry, rows, m, iterations, pinv_init, scale, group):
+    def forward(ctx, query, key, value, kpm, qpm, geometry, rows, exact, m, iterations, pinv_init, scale, group):
         q_sums, k_sums, v_sums = _OPS.nystrom_sp_segment_sums(query, key, value, geometry, m, rows, kpm, qpm)
-        q_sums, k_sums, v_sums = _sum_many([q_sums, k_sums, v_sums], group)
+        if exact:  # the exact-path elements' values travel too (they are zero elsewhere)
+            q_sums, k_sums, v_sums = _sum_many([q_sums, k_sums, v_sums], group)
+        else:
+            q_sums, k_sums = _sum_many([q_sums, k_sums], group)
         q_lm, part_max, part_sum, part_pv = _OPS.nystrom_sp_landmark_values(q_sums, key, value, geometry, m, kpm,
                                                                             scale)
         global_max = _all_reduce(part_max, "max", group)
@@ -122,7 +133,7 @@ class _SequenceParallelNystrom(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if grad_out is None:
-            return (None,) * 12
+            return (None,) * 13
         query, key, value, kpm, qpm, geometry, q_lm, k_lm, bv, zbv, lse_query, lse_landmark, pinv_scale = \
             ctx.saved_tensors
         m, iterations, pinv_init, scale, group = ctx.args
@@ -135,7 +146,7 @@ class _SequenceParallelNystrom(torch.autograd.Function):
                                                         geometry, m, kpm, scale)
         dql_keys = _all_reduce(dql_keys, "sum", group)
         dq = _OPS.nystrom_sp_query_spread(dq, dql_keys, dql_kernel, geometry, m, query.dtype, qpm)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def _check(query: Tensor, key: Tensor, value: Tensor, kpm, qpm, num_landmarks, pinv_iterations, pinv_init, scale):
@@ -218,6 +229,58 @@ def nystrom_attention(
                            "init_process_group first, or use torch_nystrom.nystrom_attention in one process)")
     if group is None:
         group = dist.group.WORLD
-    geometry, rows = _geometry(query, key, key_padding_mask, query_padding_mask, num_landmarks, group)
+    geometry, rows, exact = _geometry(query, key, key_padding_mask, query_padding_mask, num_landmarks, group)
     return _SequenceParallelNystrom.apply(query, key, value, key_padding_mask, query_padding_mask, geometry, rows,
-                                          num_landmarks, pinv_iterations, pinv_init, scale, group)
+                                          exact, num_landmarks, pinv_iterations, pinv_init, scale, group)
+
+
+class _GatherEdges(torch.autograd.Function):
+    """All-gather of every rank's edge rows (world, ...), differentiable: the gradient of a rank's rows is the
+    sum, over the ranks, of the gradients of their copies (one all-reduce of the same size)."""
+
+    @staticmethod
+    def forward(ctx, edges, group):
+        ctx.group = group
+        return _all_gather(edges.unsqueeze(0), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = _all_reduce(grad, "sum", ctx.group)
+        return total[dist.get_rank(ctx.group)], None
+
+
+def depthwise_conv_along_shards(x: Tensor, weight: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """The depthwise convolution along the sequence of NystromAttention's skip (``Conv2d(H, H, (K, 1),
+    padding=(K // 2, 0), groups=H, bias=False)``) on a sequence sharded like :func:`nystrom_attention`: each
+    rank gets the ``K // 2`` rows beyond each edge of its shard from its neighbours (halo exchange; from
+    further ranks when a neighbour's shard is shorter, zeros at the ends of the whole sequence).
+
+    ``x``: this rank's ``(B, H, L_local, Dh)``; ``weight``: ``(H, 1, K, 1)``, K odd. Differentiable in both.
+    Communication: one all-gather of ``2 (K // 2)`` rows per rank (and its all-reduce in the backward),
+    whatever the shard lengths.
+    """
+    if weight.dim() != 4 or weight.size(1) != 1 or weight.size(3) != 1 or weight.size(2) % 2 == 0 \
+            or weight.size(0) != x.size(1):
+        raise ValueError(f"{_NAME}: the skip convolution's weight must be (H={x.size(1)}, 1, K, 1) with K odd, "
+                         f"got {list(weight.shape)}")
+    if group is None:
+        group = dist.group.WORLD
+    p = weight.size(2) // 2
+    B, H, L, Dh = x.shape
+    if p == 0:
+        return torch.nn.functional.conv2d(x, weight, groups=H)
+    lengths = _all_gather(torch.tensor([L], dtype=torch.long, device=x.device), group).cpu().tolist()
+    rank, world = dist.get_rank(group), len(lengths)
+    n = min(p, L)
+    zeros = x.new_zeros(B, H, p - n, Dh)
+    head = torch.cat([x[:, :, :n], zeros], 2)       # first rows, left-aligned
+    tail = torch.cat([zeros, x[:, :, L - n:]], 2)   # last rows, right-aligned
+    edges = _GatherEdges.apply(torch.cat([head, tail], 2), group)  # (world, B, H, 2p, Dh)
+    left = [edges[j, :, :, 2 * p - min(p, lengths[j]):] for j in range(rank)]
+    right = [edges[j, :, :, :min(p, lengths[j])] for j in range(rank + 1, world)]
+    left = torch.cat([x.new_zeros(B, H, p, Dh)] + left, 2)[:, :, -p:]
+    right = torch.cat(right + [x.new_zeros(B, H, p, Dh)], 2)[:, :, :p]
+    if L == 0:
+        # nothing to convolve, but the edges stay in the graph: every rank's backward runs the all-reduce
+        return x + (edges.sum() + weight.sum()) * 0
+    return torch.nn.functional.conv2d(torch.cat([left, x, right], 2), weight, groups=H)

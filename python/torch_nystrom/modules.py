@@ -23,10 +23,19 @@ class NystromAttention(nn.Module):
             ``V`` along the sequence (one filter per head) to the attention output;
             padded positions of ``V`` are zeroed before the convolution.
         bias: whether the q/k/v/out projections have a bias.
+        group: a ``torch.distributed`` process group for sequence parallelism (docs/DESIGN.md §12): ``x`` and
+            ``key_padding_mask`` are then this rank's shard of the sequence (the ranks of the group hold
+            consecutive shards in rank order; lengths may differ, shards may be empty), the attention is
+            :func:`torch_nystrom.distributed.nystrom_attention` and the convolution exchanges ``conv_kernel_size
+            // 2`` rows with the neighbouring shards, so that the output shard equals the one-process layer's
+            on the whole sequence. Parameter gradients are this rank's part: sum them over the group (as data
+            parallelism does). ``None`` (default): one process. Not available in a scripted module.
 
     The module is accepted by :func:`torch.jit.script`; a scripted module runs
     wherever the operator library is loaded (see :func:`torch_nystrom.library_path`).
     """
+
+    __jit_ignored_attributes__ = ["group"]
 
     def __init__(
         self,
@@ -38,6 +47,7 @@ class NystromAttention(nn.Module):
         pinv_init: str = "per_head",
         conv_kernel_size: Optional[int] = None,
         bias: bool = True,
+        group: Optional["torch.distributed.ProcessGroup"] = None,
     ) -> None:
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
@@ -58,6 +68,9 @@ class NystromAttention(nn.Module):
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
         self.pinv_init = pinv_init
+        # Sequence parallelism: the group is no TorchScript type, so scripting ignores it and the sharded path.
+        self.sequence_parallel = group is not None
+        self.group = group
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -83,6 +96,8 @@ class NystromAttention(nn.Module):
             raise ValueError(
                 f"NystromAttention: x must have shape (B, L, embed_dim={self.embed_dim}), got {list(x.shape)}"
             )
+        if self.sequence_parallel:
+            return self._sharded_forward(x, key_padding_mask)
         b, n, e = x.shape
         q = self._heads(self.q_proj(x))
         k = self._heads(self.k_proj(x))
@@ -98,6 +113,26 @@ class NystromAttention(nn.Module):
                 o = o.masked_fill(pad, 0.0)
             else:
                 o = o + conv(v)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, e))
+
+    @torch.jit.unused
+    def _sharded_forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        from . import distributed
+
+        b, n, e = x.shape
+        q = self._heads(self.q_proj(x))
+        k = self._heads(self.k_proj(x))
+        v = self._heads(self.v_proj(x))
+        o = distributed.nystrom_attention(
+            q, k, v, self.num_landmarks, pinv_iterations=self.pinv_iterations, pinv_init=self.pinv_init,
+            key_padding_mask=key_padding_mask, query_padding_mask=key_padding_mask, group=self.group)
+        conv = self.conv
+        if conv is not None:
+            pad = None if key_padding_mask is None else key_padding_mask.view(b, 1, n, 1)
+            vm = v if pad is None else v.masked_fill(pad, 0.0)
+            o = o + distributed.depthwise_conv_along_shards(vm, conv.weight, self.group)
+            if pad is not None:
+                o = o.masked_fill(pad, 0.0)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, e))
 
     def extra_repr(self) -> str:

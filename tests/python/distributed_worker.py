@@ -210,6 +210,47 @@ def run_case(c: SPCase, rank: int, world: int) -> dict:
     return res
 
 
+LAYER_CASES = [
+    # name, conv_kernel_size, pinv_init, mask, splits for world 2 / 3 (a shard shorter than the halo, an empty one)
+    ("layer_conv5_masked_short_shards", 5, "per_head", True, ([1, 39], [1, 0, 39])),
+    ("layer_conv7_original_uneven", 7, "original", False, ([25, 15], [12, 2, 26])),
+    ("layer_no_conv", None, "per_head", True, ([20, 20], [13, 14, 13])),
+]
+
+
+def run_layer_case(name, conv, init, masked, splits, rank: int, world: int) -> dict:
+    """NystromAttention(group=...) on shards against the one-process layer on the whole sequence: the output
+    shard, the input's gradient shard, and the parameters' gradients summed over the ranks (float64)."""
+    import torch_nystrom
+
+    B, L, E, H, m = 2, 40, 12, 3, 6
+    split = splits[0] if world == 2 else splits[1]
+    torch.manual_seed(77)
+    kw = dict(pinv_init=init, conv_kernel_size=conv)
+    full = torch_nystrom.NystromAttention(E, H, m, **kw).double()
+    sharded = torch_nystrom.NystromAttention(E, H, m, group=dist.group.WORLD, **kw).double()
+    sharded.load_state_dict(full.state_dict())
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, L, E, generator=g, dtype=torch.float64)
+    grad = torch.randn(B, L, E, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, L, generator=g) < 0.25) if masked else None
+    x0, x1 = sum(split[:rank]), sum(split[:rank + 1])
+    xf = x.clone().requires_grad_()
+    out = full(xf, mask)
+    out.backward(grad)
+    xl = x[:, x0:x1].clone().requires_grad_()
+    outl = sharded(xl, None if mask is None else mask[:, x0:x1].contiguous())
+    outl.backward(grad[:, x0:x1])
+    errors = {"out": _rel(outl.detach(), out.detach()[:, x0:x1]), "dx": _rel(xl.grad, xf.grad[:, x0:x1])}
+    for (pname, pf), ps in zip(full.named_parameters(), sharded.parameters()):
+        total = ps.grad.clone()
+        dist.all_reduce(total)
+        # relative to the largest entry, or 1e-3 for gradients that are 0 up to rounding (the key bias: a shift
+        # of every key leaves each softmax row unchanged)
+        errors["d" + pname] = (total - pf.grad).abs().max().item() / max(pf.grad.abs().max().item(), 1e-3)
+    return {"ok": all(e <= 1e-10 for e in errors.values()), "errors": errors}
+
+
 def main() -> int:
     rank, world, port, out_path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
@@ -222,6 +263,11 @@ def main() -> int:
                 results[c.name] = run_case(c, rank, world)
             except Exception:  # noqa: BLE001 - reported per case
                 results[c.name] = {"ok": False, "detail": traceback.format_exc()}
+        for lc in LAYER_CASES:
+            try:
+                results[lc[0]] = run_layer_case(*lc, rank, world)
+            except Exception:  # noqa: BLE001 - reported per case
+                results[lc[0]] = {"ok": False, "detail": traceback.format_exc()}
         dist.barrier()
     finally:
         dist.destroy_process_group()
