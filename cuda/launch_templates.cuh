@@ -7,6 +7,7 @@
 #include "backward_kernels.cuh"
 #include "forward_kernels.cuh"
 #include "forward_tc_kernels.cuh"
+#include "mm_backward_kernel.cuh"
 #include "newton_schulz_kernel.cuh"
 #include "static_switch.h"
 
@@ -225,6 +226,49 @@ cudaError_t newton_schulz_t(int heads, int ms, int Dv, int iterations, const voi
   });
 }
 
+// The fused m x m backward (mm_backward_kernel.cuh): MP = 32 or 64 (any acc
+// type whose eight padded matrices fit: float up to 64, double up to 32).
+template <typename A>
+constexpr int mm_backward_mp(int ms) {
+  return ms <= 32 ? 32 : (ms <= 64 && sizeof(A) == 4 ? 64 : 0);
+}
+
+template <typename A>
+size_t mm_backward_smem_t(int ms) {
+  const int mp = mm_backward_mp<A>(ms);
+  return mp == 32 ? mm_backward_smem_bytes<A, 32>() : (mp == 64 ? mm_backward_smem_bytes<A, 64>() : 0);
+}
+
+template <typename T>
+cudaError_t mm_backward_t(const MmBackwardArgs& args, cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  auto run = [&](auto mp) -> cudaError_t {
+    constexpr int MP = decltype(mp)::value;
+    auto kernel = mm_backward_kernel<A, MP>;
+    const size_t smem = mm_backward_smem_bytes<A, MP>();
+    cudaError_t err = set_smem(kernel, smem);
+    if (err != cudaSuccess) return err;
+    err = for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
+      MmBackwardArgs a = args;
+      a.bh0 = bh0;
+      NYSTROM_LAUNCH(kernel, dim3(n), mm_threads<MP>(), smem, stream)(a);
+    });
+    if (err != cudaSuccess || !args.original) return err;
+    auto finish = mm_backward_original_kernel<A, MP>;
+    const size_t smem2 = sizeof(A) * (MP * MP + 4);
+    err = set_smem(finish, smem2);
+    if (err != cudaSuccess) return err;
+    NYSTROM_LAUNCH(finish, dim3(1), 256, smem2, stream)(args);
+    return cudaGetLastError();
+  };
+  const int mp = mm_backward_mp<A>(args.p.ms);
+  if (mp == 32) return run(Int<32>{});
+  if constexpr (sizeof(A) == 4) {
+    if (mp == 64) return run(Int<64>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <typename Kernel>
 cudaError_t backward_launch(Kernel kernel, const BackwardArgs& args, size_t smem, cudaStream_t stream) {
   const cudaError_t err = set_smem(kernel, smem);
@@ -311,6 +355,7 @@ cudaError_t spread_t(const Problem& p, Side side, Only only, const void* src, in
                                            const void*, int, void*, void*, void*, cudaStream_t);                  \
   PREFIX template cudaError_t backward_key_t<T>(const Problem&, RowsView, RowsView, const void*, const void*,            \
                                          const void*, const void*, int, void*, void*, void*, cudaStream_t);       \
+  PREFIX template cudaError_t mm_backward_t<T>(const MmBackwardArgs&, cudaStream_t);                                   \
   PREFIX template cudaError_t spread_t<T>(const Problem&, Side, Only, const void*, int, const int*, void*, cudaStream_t);
 
 }  // namespace kern

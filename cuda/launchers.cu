@@ -73,6 +73,41 @@ cudaError_t newton_schulz_fused(DType dt, int heads, int ms, int Dv, int iterati
   });
 }
 
+size_t mm_backward_smem(DType dt, int ms) {
+  return dt == DType::kFloat64 ? kern::mm_backward_smem_t<double>(ms) : kern::mm_backward_smem_t<float>(ms);
+}
+
+size_t mm_backward_workspace(DType dt, int ms, int iterations) {
+  const int mp = dt == DType::kFloat64 ? kern::mm_backward_mp<double>(ms) : kern::mm_backward_mp<float>(ms);
+  return static_cast<size_t>(iterations + 2) * mp * mp;
+}
+
+cudaError_t mm_backward(DType dt, const Problem& p, int iterations, bool original, int groups, const void* q_lm,
+                        const void* k_lm, const void* bv, const void* c, const void* part_dkl, const void* part_dw,
+                        void* dw, void* dkl, void* dql, void* dbv, void* delta, void* aux, void* work,
+                        cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.ms == 0) return cudaSuccess;
+  kern::MmBackwardArgs a{};
+  a.p = p;
+  a.iterations = iterations;
+  a.groups = groups;
+  a.original = original;
+  a.q_lm = q_lm;
+  a.k_lm = k_lm;
+  a.bv = bv;
+  a.c = c;
+  a.part_dkl = part_dkl;
+  a.part_dw = part_dw;
+  a.dw = dw;
+  a.dkl = dkl;
+  a.dql = dql;
+  a.dbv = dbv;
+  a.delta = delta;
+  a.aux = aux;
+  a.work = work;
+  return by_dtype(dt, [&](auto t) { return kern::mm_backward_t<decltype(t)>(a, stream); });
+}
+
 cudaError_t backward_query(DType dt, const Problem& p, RowsView q, RowsView dout, const void* k_lm, const void* w,
                            const void* lse_q, int groups, void* dq, void* part_dkl, void* part_dw,
                            cudaStream_t stream) {

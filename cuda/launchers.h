@@ -101,6 +101,26 @@ size_t newton_schulz_smem(DType dt, int ms);
 cudaError_t newton_schulz_fused(DType dt, int heads, int ms, int Dv, int iterations, const void* A, const void* c,
                                 const void* bv, void* zbv, cudaStream_t stream);
 
+/// Bytes of shared memory of the fused m x m backward for ms landmark rows; 0
+/// when no fused variant exists for that size and dtype (the glue then takes
+/// the batched ATen path). mm_backward_workspace: acc elements of its
+/// workspace per head (A and the iterates Z_0 .. Z_T, padded).
+size_t mm_backward_smem(DType dt, int ms);
+size_t mm_backward_workspace(DType dt, int ms, int iterations);
+
+/// The fused m x m backward, one thread block per (b, h) (plus one block for
+/// pinv_init="original"): from the query side's partials part_dkl
+/// (B*H, groups, ms, D) and part_dw (B*H, groups, ms, Dv), q̃, k̃, bv and c
+/// (B*H) it writes, all acc: dw (B*H, ms, Dv) and dkl (B*H, ms, D), the
+/// partials summed, every head; for Nyström heads dkl += scale·dS_Aᵀq̃,
+/// dql = scale·dS_A·k̃, dbv = Z_Tᵀ·dW, delta = rowsum(dbv∘bv) (0 for the other
+/// heads); aux (B*H, 3) = dc, the largest column sum, its column. work:
+/// mm_backward_workspace elements per head.
+cudaError_t mm_backward(DType dt, const Problem& p, int iterations, bool original, int groups, const void* q_lm,
+                        const void* k_lm, const void* bv, const void* c, const void* part_dkl, const void* part_dw,
+                        void* dw, void* dkl, void* dql, void* dbv, void* delta, void* aux, void* work,
+                        cudaStream_t stream);
+
 /// Backward, query side, every non-empty element: recomputes
 /// F = softmax(scale q k̃ᵀ) from lse_q; dq (B, H, L, D) acc = scale·dS·k̃ at the
 /// real rows; per group of query tiles g < groups: part_dkl (B*H, groups, ms, D)

@@ -1,11 +1,12 @@
 // CUDA kernel of nystrom_attention_backward (docs/DESIGN.md §7): recomputes
-// F and Bm tiles from the saved log-sum-exps; the m x m part (Newton–Schulz
-// iterates and their exact derivative) runs as batched ATen (cuBLAS)
-// products. Steps:
+// F and Bm tiles from the saved log-sum-exps. Steps:
 //   1. query side, every element: dq (direct part), partial dk̃ and dW;
 //   2. exact elements: dv from dW (their W is their values);
 //   3. the m x m part: dbv, dA and dc through every Newton–Schulz iteration,
-//      c's gradient to its column, the softmax of A: dq̃, dk̃;
+//      c's gradient to its column, the softmax of A: dq̃, dk̃. One fused
+//      kernel per head (cuda/mm_backward_kernel.cuh) where its shared memory
+//      fits (ms <= 64 in float32/float16/bfloat16, ms <= 32 in float64);
+//      batched ATen (cuBLAS) products otherwise, or with NYSTROM_CUDA_FUSED_MM=0;
 //   4. key side, Nyström elements: dk (direct part), dv, partial dq̃;
 //   5. each token's share of its landmark's gradient (segment means).
 // No step uses atomics: results are bitwise repeatable.
@@ -65,45 +66,74 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   check_launch(gpu::backward_query(lay.dt, p, qv, gv, k_lm.data_ptr(), zbv.data_ptr(), lse_q.data_ptr(),
                                  static_cast<int>(g1), dq.data_ptr(), part_dkl.data_ptr(), part_dw.data_ptr(), stream),
                op, "query side");
-  Tensor dkl = part_dkl.sum(1).view({B, H, ms, D});
-  Tensor dW = part_dw.sum(1).view({B, H, ms, Dv});
-  part_dkl.reset();
-  part_dw.reset();
+  const int64_t mm_smem = static_cast<int64_t>(gpu::mm_backward_smem(lay.dt, static_cast<int>(ms)));
+  const bool fused = fused_mm_enabled() && mm_smem > 0 && static_cast<size_t>(mm_smem) <= p.smem_optin;
+  Tensor dkl, dW, dql, dbv, delta;
+  if (fused) {
+    // Steps 3 (and the group sums of step 1) in one kernel per head.
+    dkl = at::empty({B, H, ms, D}, acc_opts);
+    dW = at::empty({B, H, ms, Dv}, acc_opts);
+    dql = at::empty({B, H, ms, D}, acc_opts);
+    dbv = at::empty({B, H, ms, Dv}, acc_opts);
+    delta = at::empty({B, H, ms}, acc_opts);
+    Tensor aux = at::empty({B * H, 3}, acc_opts);
+    Tensor work = at::empty(
+        {B * H, static_cast<int64_t>(gpu::mm_backward_workspace(lay.dt, static_cast<int>(ms), o.pinv_iterations))},
+        acc_opts);
+    for (const Tensor& t : {dkl, dW, dql, dbv, delta, aux}) poison_for_kernels(t);
+    const Tensor c = call.pinv_scale.contiguous();
+    check_launch(gpu::mm_backward(lay.dt, p, static_cast<int>(o.pinv_iterations), o.original_init,
+                                  static_cast<int>(g1), q_lm.data_ptr(), k_lm.data_ptr(), bv.data_ptr(), c.data_ptr(),
+                                  part_dkl.data_ptr(), part_dw.data_ptr(), dW.data_ptr(), dkl.data_ptr(),
+                                  dql.data_ptr(), dbv.data_ptr(), delta.data_ptr(), aux.data_ptr(), work.data_ptr(),
+                                  stream),
+                 op, "m x m part");
+    part_dkl.reset();
+    part_dw.reset();
+  } else {
+    dkl = part_dkl.sum(1).view({B, H, ms, D});
+    dW = part_dw.sum(1).view({B, H, ms, Dv});
+    part_dkl.reset();
+    part_dw.reset();
+  }
   // Step 2. Exact elements: W is their values, one token per "segment".
   check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kExact, dW.data_ptr(), p.Dv,
                                    lay.k_index.defined() ? lay.k_index.data_ptr<int>() : nullptr, dv.data_ptr(),
                                    stream),
                op, "value gradient of exact elements");
 
-  // Step 3. The m x m part (zero for elements off the Nyström path), in
-  // float64 when torch's TF32 switches would round float32 products (layout.h).
-  const at::ScalarType mt = m_by_m_in_float64(q_lm) ? at::kDouble : call.acc;
-  const auto m_opts = acc_opts.dtype(mt);
-  const Tensor q_lm_m = q_lm.to(mt), k_lm_m = k_lm.to(mt), bv_m = bv.to(mt), dW_m = dW.to(mt);
-  Tensor A = landmark_kernel_matrix(lay, q_lm_m, k_lm_m);
-  Tensor c = at::where(lay.nys.reshape({B, H}), c_in.to(mt), at::ones({}, m_opts)).view({B, H, 1, 1});
-  std::vector<Tensor> Z = detail::newton_schulz_iterates(A, c, o.pinv_iterations);
-  Tensor dbv = at::matmul(Z.back().transpose(-1, -2), dW_m);  // zbv = Z_T·bv
-  auto [dA, dc] = detail::newton_schulz_backward(A, c, Z, at::matmul(dW_m, bv_m.transpose(-1, -2)));
-  // c = the largest column sum of A: its gradient reaches that column (with
-  // "original", all heads' dc reach the first head attaining the maximum).
-  Tensor colsum = A.sum(-2);                          // (B, H, ms)
-  Tensor col = colsum.argmax(-1);                     // (B, H)
-  Tensor nysf = lay.nys.reshape({B, H}).to(mt);
-  Tensor dcv = dc.view({B, H}).mul(nysf);
-  if (o.original_init) {
-    Tensor best = at::where(lay.nys.reshape({B, H}), colsum.amax(-1), at::full({}, -1.0, m_opts)).view({-1});
-    Tensor arg = best.argmax();
-    Tensor total = dcv.sum();
-    dcv = at::zeros({B * H}, m_opts).scatter_(0, arg.view({1}), total.view({1})).view({B, H});
+  if (!fused) {
+    // Step 3 in batched ATen products (zero for elements off the Nyström
+    // path), in float64 when torch's TF32 switches would round float32
+    // products (layout.h).
+    const at::ScalarType mt = m_by_m_in_float64(q_lm) ? at::kDouble : call.acc;
+    const auto m_opts = acc_opts.dtype(mt);
+    const Tensor q_lm_m = q_lm.to(mt), k_lm_m = k_lm.to(mt), bv_m = bv.to(mt), dW_m = dW.to(mt);
+    Tensor A = landmark_kernel_matrix(lay, q_lm_m, k_lm_m);
+    Tensor c = at::where(lay.nys.reshape({B, H}), c_in.to(mt), at::ones({}, m_opts)).view({B, H, 1, 1});
+    std::vector<Tensor> Z = detail::newton_schulz_iterates(A, c, o.pinv_iterations);
+    Tensor dbv_m = at::matmul(Z.back().transpose(-1, -2), dW_m);  // zbv = Z_T·bv
+    auto [dA, dc] = detail::newton_schulz_backward(A, c, Z, at::matmul(dW_m, bv_m.transpose(-1, -2)));
+    // c = the largest column sum of A: its gradient reaches that column (with
+    // "original", all heads' dc reach the first head attaining the maximum).
+    Tensor colsum = A.sum(-2);                          // (B, H, ms)
+    Tensor col = colsum.argmax(-1);                     // (B, H)
+    Tensor nysf = lay.nys.reshape({B, H}).to(mt);
+    Tensor dcv = dc.view({B, H}).mul(nysf);
+    if (o.original_init) {
+      Tensor best = at::where(lay.nys.reshape({B, H}), colsum.amax(-1), at::full({}, -1.0, m_opts)).view({-1});
+      Tensor arg = best.argmax();
+      Tensor total = dcv.sum();
+      dcv = at::zeros({B * H}, m_opts).scatter_(0, arg.view({1}), total.view({1})).view({B, H});
+    }
+    Tensor onehot = at::one_hot(col, ms).to(mt);  // (B, H, ms)
+    dA.add_(dcv.view({B, H, 1, 1}) * onehot.unsqueeze(-2));
+    Tensor dS = A * (dA - (A * dA).sum(-1, /*keepdim=*/true));
+    dql = at::matmul(dS, k_lm_m).mul_(o.scale).to(call.acc);
+    dkl.add_(at::matmul(dS.transpose(-1, -2), q_lm_m).mul_(o.scale).to(call.acc));
+    delta = (dbv_m * bv_m).sum(-1).to(call.acc).contiguous();
+    dbv = dbv_m.to(call.acc).contiguous();
   }
-  Tensor onehot = at::one_hot(col, ms).to(mt);  // (B, H, ms)
-  dA.add_(dcv.view({B, H, 1, 1}) * onehot.unsqueeze(-2));
-  Tensor dS = A * (dA - (A * dA).sum(-1, /*keepdim=*/true));
-  Tensor dql = at::matmul(dS, k_lm_m).mul_(o.scale).to(call.acc);
-  dkl.add_(at::matmul(dS.transpose(-1, -2), q_lm_m).mul_(o.scale).to(call.acc));
-  Tensor delta = (dbv * bv_m).sum(-1).to(call.acc).contiguous();
-  dbv = dbv.to(call.acc).contiguous();
 
   // Step 4. Key side, Nyström elements: dk (direct), dv, dq̃ partials.
   const int64_t g3 = std::clamp<int64_t>((target_blocks(lay) + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (S + rows - 1) / rows));

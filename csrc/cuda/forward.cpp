@@ -87,7 +87,7 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   // Step 5: Z = pinv(A), zbv = Z·bv: the fused kernel where the shared memory
   // allows, batched ATen products (in the m x m dtype) otherwise.
   const size_t ns_smem = gpu::newton_schulz_smem(lay.dt, static_cast<int>(ms));
-  if (ns_smem > 0 && ns_smem <= p.smem_optin) {
+  if (ns_smem > 0 && ns_smem <= p.smem_optin && fused_mm_enabled()) {
     const Tensor Ac = A.to(call.acc).contiguous(), cc = c_safe.to(call.acc).contiguous();
     check_launch(gpu::newton_schulz_fused(lay.dt, static_cast<int>(B * H), static_cast<int>(ms), p.Dv,
                                           static_cast<int>(o.pinv_iterations), Ac.data_ptr(), cc.data_ptr(),

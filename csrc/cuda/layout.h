@@ -72,6 +72,15 @@ inline bool tensor_cores_enabled() {
   return enabled;
 }
 
+// NYSTROM_CUDA_FUSED_MM=0 turns the fused m x m kernels off (the forward's
+// Newton–Schulz kernel and the backward's mm_backward kernel): those steps
+// then run as batched ATen products, as they do where no fused variant fits.
+// For A/B comparisons on a GPU and for tests; read at every call.
+inline bool fused_mm_enabled() {
+  const char* env = std::getenv("NYSTROM_CUDA_FUSED_MM");
+  return env == nullptr || std::string(env) != "0";
+}
+
 // Padding, per batch element, on the device; plus what the m x m ATen steps
 // need: which elements take the Nyström path and their landmark counts.
 struct Layout {

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from cases import CASE
+from cases import CASE, GRADCHECK_CASES
 from helpers import (Case, assert_rel_close, cotangent, expected_gradients, expected_output, on_cpu_backend,
                      reference, rel_err, to_device, trailing)
 
@@ -130,3 +130,111 @@ def test_tensor_core_forward_and_backward_differ_by_rounding_only(case_id, dtype
     assert rel_err(out.cpu(), ref32) <= 2 * eps, f"forward: {rel_err(out.cpu(), ref32):.3e} vs eps {eps:.1e}"
     for name, a, e in zip(("dq", "dk", "dv"), grads, ref32_grads):
         assert rel_err(a.cpu(), e) <= 2 * eps, f"{name}: {rel_err(a.cpu(), e):.3e} vs eps {eps:.1e}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The backward's m x m part: one fused kernel per head (cuda/mm_backward_kernel.cuh) or batched ATen products
+# (NYSTROM_CUDA_FUSED_MM=0, and sizes without a fused variant). docs/DESIGN.md §7.
+
+FUSED_MM_CASES = [("mixed_exact_and_nystrom", torch.float32), ("d64_m64_cross", torch.float32),
+                  ("original_init_mixed", torch.float32), ("long_multi_tile_original", torch.float64),
+                  ("d7_m17_random_masks", torch.float64), ("zero_iterations", torch.float32),
+                  ("one_iteration", torch.float64), ("masks_uneven_original", torch.float64),
+                  ("mixed_exact", torch.float64), ("tc_d128_m17_cross", torch.bfloat16),
+                  ("custom_scale_sharp", torch.float32)]
+
+
+_ALL_CASES = {**CASE, **{c.id: c for c in GRADCHECK_CASES}}
+
+
+def _fwd_bwd(case_id, dtype, device):
+    q, k, v, kw = _ALL_CASES[case_id].build(dtype, device, requires_grad=True)
+    out = nystrom_attention(q, k, v, **kw)
+    g = cotangent(out.shape, dtype, device)
+    return (q, k, v, kw, g), torch.autograd.grad(out, (q, k, v), g)
+
+
+def _kernel_counts():
+    counts = {}
+    for line in torch.ops.nystrom._emulator("kernels").splitlines():
+        name, _, n = line.rpartition("=")
+        counts[name] = int(n)
+    return counts
+
+
+def _launched(fn):
+    before = _kernel_counts()
+    fn()
+    return {k: n - before.get(k, 0) for k, n in _kernel_counts().items() if n > before.get(k, 0)}
+
+
+@pytest.mark.parametrize("case_id,dtype", FUSED_MM_CASES, ids=[f"{c}-{str(d)[6:]}" for c, d in FUSED_MM_CASES])
+def test_fused_mm_backward_matches_the_aten_path(case_id, dtype, cuda_device, monkeypatch):
+    """The fused m x m backward and the batched ATen chain compute the same derivative (the same products in
+    another summation order): their gradients agree to a few float32 (float64) rounding units of the largest
+    entry, and both are within the suite's tolerance of the float64 reference."""
+    (q, k, v, kw, g), fused = _fwd_bwd(case_id, dtype, cuda_device)
+    monkeypatch.setenv("NYSTROM_CUDA_FUSED_MM", "0")
+    _, aten = _fwd_bwd(case_id, dtype, cuda_device)
+    monkeypatch.delenv("NYSTROM_CUDA_FUSED_MM")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = 1e-11 if acc == torch.float64 else (2e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps)
+    if _ALL_CASES[case_id].extra.get("pinv_iterations", 6) >= 6 and acc == torch.float32:
+        tol *= 5  # six iterations amplify the rounding of A
+    for name, a, b in zip(("dq", "dk", "dv"), fused, aten):
+        assert_rel_close(a, b, tol, f"{name}: fused vs ATen")
+    if dtype != torch.bfloat16:
+        ref_grads, tols = expected_gradients(q, k, v, kw, g, dtype)
+        for name, a, e, t in zip(("dq", "dk", "dv"), fused, ref_grads, tols):
+            assert_rel_close(a, e, t, name)
+
+
+def _launches_of_one_backward(case_id, dtype, device):
+    """Kernel launches of one backward call: on a GPU the profiler's CUDA kernels; on the emulated device the
+    emulated kernels plus the ATen operators that compute (each a kernel launch on a GPU; views, allocations and
+    metadata operators are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, kw = CASE[case_id].build(dtype, device, requires_grad=True)
+    out = nystrom_attention(q, k, v, **kw)
+    g = cotangent(out.shape, dtype, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.autograd.grad(out, (q, k, v), g)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    free = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::reshape", "aten::expand",
+            "aten::as_strided", "aten::transpose", "aten::t", "aten::select", "aten::slice", "aten::unsqueeze",
+            "aten::squeeze", "aten::detach", "aten::alias", "aten::_reshape_alias", "aten::_unsafe_view",
+            "aten::permute", "aten::contiguous", "aten::to"}
+    launched = {}
+
+    def run():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            torch.autograd.grad(out, (q, k, v), g)
+        # the ATen operators the backward op calls (a conversion counts when it copies)
+        calls = [e for e in prof.events()
+                 if e.cpu_parent is not None and e.cpu_parent.name == "nystrom::nystrom_attention_backward"]
+        assert calls, "the backward op called no ATen operator"
+        launched["aten"] = sum(1 for e in calls if e.name not in free
+                               or (e.name in ("aten::to", "aten::contiguous") and e.cpu_children))
+
+    kernels = _launched(run)
+    launched["kernels"] = sum(kernels.values())
+    return launched["aten"] + launched["kernels"]
+
+
+@pytest.mark.parametrize("original", [False, True], ids=["per_head", "original"])
+def test_one_backward_makes_a_handful_of_launches(original, cuda_device, monkeypatch):
+    """The backward of a Nyström call (one that takes the fused m x m kernel) launches a few dozen kernels (most
+    of them the masks' layout and zero fills), fewer than a fifth of the batched ATen chain it replaces (some 200
+    more launches at six iterations). Measured on the emulated device (Xeon): 42 / 291 per-head init, 43 / 298
+    with "original"."""
+    case_id = "original_init_mixed" if original else "d64_m64_cross"
+    fused = _launches_of_one_backward(case_id, torch.float32, cuda_device)
+    monkeypatch.setenv("NYSTROM_CUDA_FUSED_MM", "0")
+    aten = _launches_of_one_backward(case_id, torch.float32, cuda_device)
+    assert fused <= 45, f"{fused} launches with the fused m x m kernel"
+    assert 5 * fused <= aten, f"fused {fused} vs ATen {aten} launches"
+
