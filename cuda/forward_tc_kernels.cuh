@@ -39,6 +39,16 @@ constexpr size_t tc_landmark_smem(int D, int DV) {
                      sizeof(float) * kTcRows * DV + sizeof(float) * kTcRows);
 }
 
+// The softmax of a warp's 16 x 64 logits runs on lane pairs: lane l owns row
+// r = l >> 1 and the 32 columns half·32 + c' of half = l & 1. At step i it
+// takes column c' = (i + l) mod 32 (tc_column): sS (float, row stride 64 =
+// two rows of the 32 banks) holds that element in bank c', distinct for the
+// 32 lanes; sP (2-byte, same stride) in bank 16·half + floor(c'/2), which is
+// 16·half + (floor((i + half)/2) + r) mod 16: distinct too. Walking the
+// columns in plain order (c' = i) put all 32 lanes on one bank of sS (32-way)
+// and 16 lanes on each of two banks of sP (16-way).
+__device__ __forceinline__ int tc_column(int half, int i, int lane) { return half * 32 + ((i + lane) & 31); }
+
 // S (16 x 64, float, ld 64) = Q (16 x D, ld D) · Kᵀ, K (64 x D, ld D): both in smem.
 template <typename T, int D>
 __device__ __forceinline__ void tc_logits(const T* sQ, const T* sK, float* sS) {
@@ -118,7 +128,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
   }
   __syncthreads();
   const float scale = static_cast<float>(p.scale);
-  const int r = lane >> 1, half = lane & 1;  // softmax: a lane pair per row, 32 columns each
+  const int r = lane >> 1, half = lane & 1;  // softmax: a lane pair per row, 32 columns each (tc_column)
 
   for (int tile = 0; tile < tiles_per_block; ++tile) {
     const int x0 = first + tile * BR + warp * kTcRows;  // this warp's first row
@@ -131,16 +141,22 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
     tc_logits<T, D>(sQ, sK, sS);
     __syncwarp();
     float mx = -CUDART_INF_F;
-    for (int c = half * 32; c < half * 32 + 32; ++c)
+    for (int i = 0; i < 32; ++i) {
+      const int c = tc_column(half, i, lane);
       if (c < ny) mx = fmaxf(mx, sS[r * kTcSlots + c] * scale);
+    }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     float sum = 0.0f;
-    for (int c = half * 32; c < half * 32 + 32; ++c)
+    for (int i = 0; i < 32; ++i) {
+      const int c = tc_column(half, i, lane);
       if (c < ny) sum += expf(sS[r * kTcSlots + c] * scale - mx);
+    }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     const float inv = 1.0f / sum;
-    for (int c = half * 32; c < half * 32 + 32; ++c)
+    for (int i = 0; i < 32; ++i) {
+      const int c = tc_column(half, i, lane);
       sP[r * kTcSlots + c] = from_acc<T>(c < ny ? expf(sS[r * kTcSlots + c] * scale - mx) * inv : 0.0f);
+    }
     if (half == 0 && x0 + r < nx) {
       const int64_t pos = position(a.out.index, a.out.npad, b, x0 + r);
       static_cast<float*>(a.lse)[static_cast<int64_t>(bh) * p.L + pos] = mx + logf(sum);
@@ -210,12 +226,15 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
     __syncwarp();
     const int valid = y1 - c0;  // keys of this chunk
     float cm = -CUDART_INF_F;
-    for (int c = half * 32; c < half * 32 + 32; ++c)
+    for (int i = 0; i < 32; ++i) {
+      const int c = tc_column(half, i, lane);
       if (c < valid) cm = fmaxf(cm, sS[r * kTcSlots + c] * scale);
+    }
     cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
     const float m_new = fmaxf(m_run, cm);  // finite: the chunk has a key
     float ps = 0.0f;
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
+    for (int i = 0; i < 32; ++i) {
+      const int c = tc_column(half, i, lane);
       const float pe = c < valid ? expf(sS[r * kTcSlots + c] * scale - m_new) : 0.0f;
       ps += pe;
       sP[r * kTcSlots + c] = from_acc<T>(pe);
