@@ -55,8 +55,20 @@ import workload  # noqa: E402
 from measure import (cuda_copy_bandwidth, cuda_median_time, cuda_peak_memory, median_time,  # noqa: E402
                      memory_in_subprocess, rel_error)
 
-IMPLS = ["ours", "composition", "lucidrains", "sdpa"]
-LABEL = {"ours": "torch_nystrom", "composition": "composition", "lucidrains": "lucidrains", "sdpa": "exact_sdpa"}
+IMPLS = ["ours", "composition", "lucidrains", "sdpa_composition", "sdpa"]
+LABEL = {"ours": "torch_nystrom", "composition": "composition", "lucidrains": "lucidrains",
+         "sdpa_composition": "sdpa_comp", "sdpa": "exact_sdpa"}
+
+# --variants (GPU): the CUDA backend's code paths, chosen by environment switches read by the library
+# (docs/DESIGN.md §7), each run in a process of its own (the tensor-core switch is read once per process):
+# name -> (environment, dtype override or None).
+VARIANTS = {
+    "fast": ({}, None),                                        # tensor-core forward, fused m x m kernels
+    "no_tc": ({"NYSTROM_CUDA_TENSOR_CORES": "0"}, None),       # generic forward kernels, fused m x m
+    "aten_mm": ({"NYSTROM_CUDA_FUSED_MM": "0"}, None),         # tensor-core forward, m x m on ATen/cuBLAS
+    "generic": ({"NYSTROM_CUDA_TENSOR_CORES": "0", "NYSTROM_CUDA_FUSED_MM": "0"}, None),
+    "fp32": ({}, "float32"),                                   # float32: generic kernels, fused m x m
+}
 
 
 def available_impls(names):
@@ -88,9 +100,9 @@ def cpu_name():
 # Defaults per device: the CPU sweep as it always was; the GPU sweep at a transformer-layer size.
 DEFAULTS = {
     "cpu": dict(n=[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536], batch=2, heads=8, dim=64, landmarks=64,
-                dtype=["float32"], sdpa_max_n=16384, repeats=3),
+                dtype=["float32"], sdpa_max_n=16384, repeats=3, impls=["ours", "composition", "lucidrains", "sdpa"]),
     "cuda": dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], batch=4, heads=16, dim=128,
-                 landmarks=64, dtype=["float16", "bfloat16"], sdpa_max_n=32768, repeats=10),
+                 landmarks=64, dtype=["float16", "bfloat16"], sdpa_max_n=32768, repeats=10, impls=IMPLS),
 }
 
 
@@ -104,7 +116,8 @@ def parse_args(argv=None):
     p.add_argument("--landmarks", type=int)
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"],
                    help="one or more (default: float32 on the CPU, float16 and bfloat16 on CUDA)")
-    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    p.add_argument("--impls", nargs="+", choices=IMPLS,
+                   help="default: all on CUDA; on the CPU all but sdpa_composition")
     p.add_argument("--sdpa-max-n", type=int, help="exact attention is O(n^2): skip it above this "
                                                   "(default 16384 on the CPU, 32768 on CUDA)")
     p.add_argument("--repeats", type=int)
@@ -114,6 +127,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--replot", metavar="CSV", help="only redraw the table and plots of an earlier run's CSV")
     p.add_argument("--no-plot", action="store_true", help="write no PNG (matplotlib is then not needed)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   help="CUDA: time this op in each variant (VARIANTS), each in a child process, with the SDPA and "
+                        "SDPA-composition peers, and print one table (no memory, no errors, no files)")
+    p.add_argument("--variant-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--profile-point", type=int, metavar="N",
+                   help="CUDA: one forward+backward of this op at length N (first --dtype) between "
+                        "cudaProfilerStart/Stop, after a warm-up: for ncu --profile-from-start off")
     args = p.parse_args(argv)
     for name, value in DEFAULTS[args.device].items():
         if getattr(args, name) is None:
@@ -173,6 +193,15 @@ def main(argv=None):
         plot(records, args, machine, path=os.path.splitext(args.replot)[0] + ".png")
         return
     deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+    if args.device == "cuda" and args.profile_point:
+        profile_point(args)
+        return
+    if args.device == "cuda" and args.variant_child:
+        variant_child(args)
+        return
+    if args.device == "cuda" and args.variants:
+        run_variants(args, argv)
+        return
     if args.device == "cuda":
         run_cuda(args, deadline)
         return
@@ -405,8 +434,10 @@ def gpu_point(name, sets, m, args, bandwidth):
         with torch.no_grad():
             out = fn(q, k, v, m, **extras[0])
             rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: min(n, 256)].to(q.device)
-            err_exact = exact_rows_error(out, q, k, v, rows)
-            err_ref = ref64_error(out, q, k, v, m) if name in ("ours", "composition") else math.nan
+            errors = not getattr(args, "no_errors", False)
+            err_exact = exact_rows_error(out, q, k, v, rows) if errors else math.nan
+            err_ref = (ref64_error(out, q, k, v, m) if errors and name in ("ours", "composition", "sdpa_composition")
+                       else math.nan)
             out_bytes = _nbytes([out])
             del out
             t_fwd = cuda_median_time(lambda i: fn(*sets[i % len(sets)], m, **extras[i % len(sets)]),
@@ -443,8 +474,7 @@ def gpu_point(name, sets, m, args, bandwidth):
         return None
     finally:
         extras.clear()
-    # The floor: q, k, v read once and the output written once, at the measured copy bandwidth.
-    floor_s = (_nbytes([q, k, v]) + B * H * n * Dv * q.element_size()) / bandwidth
+    floor_s, floor_fb_s = floors(q, k, v, bandwidth)
     mib = 2.0 ** 20
     return dict(
         impl=LABEL[name], n=n, dtype=str(q.dtype).replace("torch.", ""), B=B, H=H, D=D, m=m,
@@ -455,7 +485,20 @@ def gpu_point(name, sets, m, args, bandwidth):
         fwd_bwd_extra_mib=None if mem_fb is None else (mem_fb - res_bytes) / mib,
         err_vs_exact=err_exact, err_vs_ref64=err_ref,
         floor_ms=floor_s * 1e3, bw_frac=floor_s / t_fwd,
+        floor_fb_ms=floor_fb_s * 1e3, fwd_floor_x=t_fwd / floor_s, fb_floor_x=t_fb / floor_fb_s,
     )
+
+
+def floors(q, k, v, bandwidth):
+    """Seconds of the memory-bandwidth floors of issue 13 at `bandwidth` (bytes/s, read + write): forward, q, k,
+    v read once and the output written once (8·n·d bytes per head in half precision at D = Dv, L = S); forward
+    and backward, that plus q, k, v and the output gradient read again and dq, dk, dv written once (22·n·d)."""
+    e = q.element_size()
+    B, H, L, D = q.shape
+    S, Dv = k.shape[-2], v.shape[-1]
+    io = B * H * (L * D + S * D + S * Dv + L * Dv) * e  # q, k, v, out (or dO)
+    grads = B * H * (L * D + S * D + S * Dv) * e          # dq, dk, dv
+    return io / bandwidth, (2 * io + grads) / bandwidth
 
 
 def gpu_report(records, args, machine):
@@ -479,10 +522,10 @@ def gpu_report(records, args, machine):
 
 def gpu_short_table(records_by_dtype, machine, note=None):
     """One line per (dtype, n): this op's times, its fraction of the bandwidth floor, and the peers' ratios."""
-    peers = [("composition", "comp"), ("lucidrains", "lucid"), ("exact_sdpa", "sdpa")]
+    peers = [("composition", "comp"), ("lucidrains", "lucid"), ("sdpa_comp", "sdpac"), ("exact_sdpa", "sdpa")]
     present = [(label, short) for label, short in peers
                if any(r["impl"] == label for recs in records_by_dtype.values() for r in recs)]
-    head = f"{'dtype':<9}{'n':>7}{'fwd ms':>9}{'f+b ms':>9}{'%floor':>7}"
+    head = f"{'dtype':<9}{'n':>7}{'fwd ms':>9}{'f+b ms':>9}{'%floor':>7}{'f+b/fl':>7}"
     for _, short in present:
         head += f"{short + ' fwd x':>13}{short + ' f+b x':>13}{short + ' mem x':>13}"
     lines = [f"GPU benchmark, torch_nystrom vs peers ({machine})", head]
@@ -492,13 +535,15 @@ def gpu_short_table(records_by_dtype, machine, note=None):
             o = by.get(("torch_nystrom", n))
             if o is None:
                 continue
-            line = f"{dtype:<9}{n:>7}{o['fwd_ms']:>9.2f}{o['fwd_bwd_ms']:>9.2f}{100 * o['bw_frac']:>6.1f}%"
+            line = (f"{dtype:<9}{n:>7}{o['fwd_ms']:>9.2f}{o['fwd_bwd_ms']:>9.2f}{100 * o['bw_frac']:>6.1f}%"
+                    f"{fmt(o.get('fb_floor_x'), '7.2f'):>7}")
             for label, _ in present:
                 r = by.get((label, n))
                 rt, rb, rm = ratios(r, by, mem="fwd_bwd_mib") if r is not None else (None, None, None)
                 line += f"{fmt(rt, '13.2f'):>13}{fmt(rb, '13.2f'):>13}{fmt(rm, '13.2f'):>13}"
             lines.append(line)
-    lines.append("(x = peer / torch_nystrom, above 1: torch_nystrom faster or smaller; mem x: fwd+bwd peak memory)")
+    lines.append("(x = peer / torch_nystrom, above 1: torch_nystrom faster or smaller; mem x: fwd+bwd peak memory; "
+                 "f+b/fl: forward+backward time / its bandwidth floor)")
     if note:
         lines.append(note)
     return "\n".join(lines)
@@ -589,6 +634,117 @@ def run_cuda(args, deadline=None):
     finally:
         short = write_files(final=True)
         print("\n" + short)
+
+
+def variant_child(args):
+    """One variant's points (its environment is already set by run_variants): a JSON line per record."""
+    import json
+
+    import torch_nystrom  # noqa: F401
+
+    if not torch.cuda.is_available():
+        sys.exit("bench.py --variant-child: torch sees no CUDA device")
+    env, dtype_override = VARIANTS[args.variant_child]
+    bandwidth = cuda_copy_bandwidth(device=GPU)
+    args.no_memory, args.no_errors = True, True
+    B, H, D, m = args.batch, args.heads, args.dim, args.landmarks
+    for n in args.n:
+        for dtype in ([dtype_override] if dtype_override else args.dtype):
+            dt = getattr(torch, dtype)
+            sets = [workload.make_inputs(B, H, n, D, dt, seed=i, device=GPU) for i in range(args.input_sets)]
+            for name in args.impls:
+                if name == "sdpa" and n > args.sdpa_max_n:
+                    continue
+                rec = gpu_point(name, sets, m, args, bandwidth)
+                torch.cuda.empty_cache()
+                if rec is not None:
+                    rec.update(variant=args.variant_child, bandwidth_gbs=bandwidth / 1e9)
+                    print("RECORD " + json.dumps(rec), flush=True)
+            del sets
+            torch.cuda.empty_cache()
+
+
+def profile_point(args):
+    """--profile-point N: the op's forward and backward once under the profiler's start/stop (ncu)."""
+    import torch_nystrom  # noqa: F401
+
+    dt = getattr(torch, args.dtype[0])
+    q, k, v = (t.requires_grad_() for t in workload.make_inputs(args.batch, args.heads, args.profile_point, args.dim,
+                                                                 dt, seed=0, device=GPU))
+    grad = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=dt, device=GPU)
+    for _ in range(2):
+        impls.ours(q, k, v, args.landmarks).backward(grad)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    impls.ours(q, k, v, args.landmarks).backward(grad)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"profiled one forward+backward at n={args.profile_point} {args.dtype[0]}")
+
+
+def variant_table(records):
+    """The --variants table: per variant, dtype and n, this op's times and their multiples of the bandwidth
+    floors, and the SDPA and SDPA-composition peers' times over this op's (above 1: this op is faster)."""
+    peers = {(r["impl"], r["dtype"], r["n"]): r for r in records if r["impl"] != "torch_nystrom"}
+    lines = [f"{'variant':<9}{'dtype':<9}{'n':>7}{'fwd ms':>9}{'fwd/fl':>7}{'f+b ms':>9}{'f+b/fl':>7}"
+             f"{'sdpa fwd x':>11}{'sdpa f+b x':>11}{'sdpac fwd x':>12}{'sdpac f+b x':>12}"]
+    for r in records:
+        if r["impl"] != "torch_nystrom":
+            continue
+        line = (f"{r['variant']:<9}{r['dtype']:<9}{r['n']:>7}{r['fwd_ms']:>9.3f}{r['fwd_floor_x']:>7.2f}"
+                f"{r['fwd_bwd_ms']:>9.3f}{r['fb_floor_x']:>7.2f}")
+        for peer in ("exact_sdpa", "sdpa_comp"):
+            p = peers.get((peer, r["dtype"], r["n"]))
+            width = 11 if peer == "exact_sdpa" else 12
+            for key in ("fwd_ms", "fwd_bwd_ms"):
+                line += f"{fmt(None if p is None else p[key] / r[key], f'{width}.2f'):>{width}}"
+        lines.append(line)
+    bw = records[0].get("bandwidth_gbs") if records else None
+    lines.append(f"(fwd/fl, f+b/fl: time / the bandwidth floor of issue 13 (forward 8·n·d bytes per head in half "
+                 f"precision, forward+backward 22·n·d) at the measured copy bandwidth"
+                 + (f" {bw:.0f} GB/s" if bw else "") + "; x = peer time / this op's time)")
+    return "\n".join(lines)
+
+
+def run_variants(args, argv):
+    """--variants: each variant in a child process (its environment set), the peers (SDPA, SDPA composition)
+    measured once, in the first variant's process; then one table."""
+    import json
+    import subprocess
+
+    records = []
+    t0 = time.monotonic()
+    for i, variant in enumerate(args.variants):
+        env, _ = VARIANTS[variant]
+        impls_ = ["ours"] + [p for p in ("sdpa", "sdpa_composition") if p in args.impls and i == 0]
+        cmd = [sys.executable, os.path.abspath(__file__), "--device", "cuda", "--variant-child", variant,
+               "--n", *map(str, args.n), "--dtype", *args.dtype, "--impls", *impls_,
+               "--batch", str(args.batch), "--heads", str(args.heads), "--dim", str(args.dim),
+               "--landmarks", str(args.landmarks), "--repeats", str(args.repeats),
+               "--sdpa-max-n", str(args.sdpa_max_n), "--input-sets", str(args.input_sets)]
+        left = None
+        if args.max_seconds is not None:
+            left = args.max_seconds - (time.monotonic() - t0)
+            if left < 15:
+                print(f"time budget ({args.max_seconds:g} s) spent: variants from {variant} on not run")
+                break
+        child_env = {k: v for k, v in os.environ.items()
+                     if k not in ("NYSTROM_CUDA_TENSOR_CORES", "NYSTROM_CUDA_FUSED_MM")}
+        child_env.update(env)
+        print(f"== variant {variant} {env or ''}", flush=True)
+        try:
+            res = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            res = argparse.Namespace(stdout=out, stderr="(time budget spent)", returncode=124)
+        got = [json.loads(line[7:]) for line in res.stdout.splitlines() if line.startswith("RECORD ")]
+        records.extend(got)
+        for r in got:
+            print(f"  {r['impl']:<14}{r['dtype']:<9} n={r['n']:>7} fwd {r['fwd_ms']:9.3f} ms "
+                  f"({r['fwd_floor_x']:.2f}x floor)  f+b {r['fwd_bwd_ms']:9.3f} ms ({r['fb_floor_x']:.2f}x floor)")
+        if res.returncode != 0:
+            print(f"variant {variant}: exit {res.returncode}\n{res.stderr[-2000:]}")
+    print("\n" + variant_table(records))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,10 @@ def dynamic_smem_table() -> list:
             lines.append(f"  {name:<28}{dtype:<10}{f(64):>10}{f(128):>10}{f(256):>10}")
     lines.append(f"  {'newton_schulz (m<=32/64/128)':<28}{'fp32':<10}{3*32*32*4:>10}{3*64*64*4:>10}{3*128*128*4:>10}")
     lines.append(f"  {'newton_schulz (m<=32/64)':<28}{'fp64':<10}{3*32*32*8:>10}{3*64*64*8:>10}{'cuBLAS':>10}")
+    # mm_backward_kernel.cuh: eight MP x (MP + 1) matrices and (MP/4)^2 + MP + 2 scalars
+    mm = lambda mp, a: a * (8 * mp * (mp + 1) + (mp // 4) ** 2 + mp + 2)
+    lines.append(f"  {'mm_backward (m<=32/64/128)':<28}{'fp32':<10}{mm(32, 4):>10}{mm(64, 4):>10}{'ATen':>10}")
+    lines.append(f"  {'mm_backward (m<=32/64)':<28}{'fp64':<10}{mm(32, 8):>10}{'ATen':>10}{'ATen':>10}")
     lines.append("  (sm_80 allows 163 KiB per block, sm_90 227 KiB; above that the launcher refuses with a clear")
     lines.append("   error, or Newton-Schulz takes the batched cuBLAS path)")
     return lines

@@ -6,6 +6,11 @@
 #   configure  cmake into a fresh build-gpu/ (CUDA on, GoogleTest suite on, kernels for this GPU)
 #   build      cmake --build build-gpu, all cores
 #   install    the Python package from build-gpu (pip, no build isolation, no dependencies, no index)
+#   variants   benchmarks/bench.py --variants: per code path of the CUDA backend (tensor cores on/off, fused
+#              m x m kernels on/off, float32) and n, the forward and forward+backward times, their multiples
+#              of issue 13's bandwidth floors, and the SDPA and SDPA-composition peers (one table)
+#   ncu        when Nsight Compute (ncu) is on PATH: a per-kernel profile (speed of light, occupancy, launch
+#              statistics) of one forward+backward at n = 16384, bfloat16
 #   ctest      the C++ suite (its CUDA tests run here)
 #   pytest-cuda      the per-device Python suite and tests/python/test_cuda.py on the GPU
 #                    (NYSTROM_TEST_DEVICE=cuda: every per-device test on the GPU, a missing GPU fails)
@@ -20,12 +25,14 @@
 # short table. Exit status 0 only if every step passed.
 #
 # Logs: $OUT when set, else benchmarks/results/gpu_check_<date>/. At most 8 files, no subfolder:
-#   env.log build.log tests.log sanitizer.log bench.log summary.txt gpu_<card>_float16.csv gpu_<card>_bfloat16.csv
+#   env.log build.log tests.log sanitizer.log bench.log (the variants table, the ncu profile and the sweep)
+#   summary.txt gpu_<card>_float16.csv gpu_<card>_bfloat16.csv
 # (the benchmark's .txt/.png stay in build-gpu/bench-results/; `bench.py --replot CSV` redraws them.)
 #
 # Environment:
 #   GPU_CHECK_DRY=1       only print the steps (nothing is built, run or written)
 #   GPU_CHECK_BUDGET_S    total time budget in seconds (default 470: the script ends within 8 minutes)
+#   GPU_CHECK_VARIANTS_N  lengths of the variants step (default "2048 16384 131072")
 #   GPU_CHECK_BUILD_DIR   build directory (default build-gpu; it is deleted first)
 #   PYTHON                the interpreter (default: python3 on PATH)
 #   CUDA_HOME             where nvcc and compute-sanitizer live if not on PATH (default /usr/local/cuda)
@@ -52,6 +59,8 @@ PY="${PYTHON:-$(command -v python3 || echo python3)}"
 # and the same value here keeps its configure from changing anything.
 PY="$("$PY" -c 'import sys; print(sys.executable)' 2>/dev/null || echo "$PY")"
 SANITIZER="$(command -v compute-sanitizer || true)"
+NCU="$(command -v ncu || true)"
+VARIANTS_N="${GPU_CHECK_VARIANTS_N:-2048 16384 131072}"
 export MAX_JOBS="$JOBS" PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PYTHONDONTWRITEBYTECODE=1
 
 if [ -n "${OUT:-}" ]; then
@@ -216,6 +225,24 @@ if [ "$build_ok" = 1 ] || [ "$DRY" = 1 ]; then
     NYSTROM_BUILD_DIR='$BUILD' NYSTROM_CMAKE_ARGS='$CUDA_ARGS' '$PY' -m pip install --no-build-isolation --no-deps --no-index .
     cd tests && '$PY' -c 'import torch_nystrom, torch; print(\"installed:\", torch_nystrom.__file__)'
   " && install_ok=1
+  if [ "$install_ok" = 1 ] || [ "$DRY" = 1 ]; then
+    # First what the GPU run is for: the speed of every variant against the floors and the peers.
+    # bfloat16 (float16 takes the same kernels); the SDPA peer up to n = 16384 (quadratic).
+    step variants "$(log bench.log)" 150 "
+      '$PY' benchmarks/bench.py --device cuda --variants fast no_tc aten_mm generic fp32 --n $VARIANTS_N \
+        --dtype bfloat16 --repeats 5 --input-sets 2 --sdpa-max-n 16384 --max-seconds 140
+    " || true
+    if [ -n "$NCU" ] || [ "$DRY" = 1 ]; then
+      # The op's kernels only (namespace nystrom::cuda::kern), one forward+backward after a warm-up.
+      step ncu "$(log bench.log)" 60 "
+        '${NCU:-ncu}' --profile-from-start off --kernel-name-base demangled --kernel-name regex:nystrom \
+          --section SpeedOfLight --section Occupancy --section LaunchStats \
+          '$PY' benchmarks/bench.py --device cuda --profile-point 16384 --dtype bfloat16
+      " || true
+    else
+      skip ncu "no ncu on PATH"
+    fi
+  fi
   step ctest "$(log tests.log)" 60 "cd '$BUILD' && ctest --output-on-failure -j$JOBS" || true
   if [ "$install_ok" = 1 ] || [ "$DRY" = 1 ]; then
     # From tests/: the installed package is imported, not the source tree.
@@ -266,10 +293,10 @@ if [ "$build_ok" = 1 ] || [ "$DRY" = 1 ]; then
       skip bench "time"
     fi
   else
-    for s in pytest-cuda pytest-subset memcheck racecheck bench; do skip "$s" "install failed"; done
+    for s in variants ncu pytest-cuda pytest-subset memcheck racecheck bench; do skip "$s" "install failed"; done
   fi
 else
-  for s in install ctest pytest-cuda pytest-subset memcheck racecheck bench; do skip "$s" "build failed"; done
+  for s in install variants ncu ctest pytest-cuda pytest-subset memcheck racecheck bench; do skip "$s" "build failed"; done
 fi
 
 trap - INT TERM
