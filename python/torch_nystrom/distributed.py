@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["nystrom_attention", "depthwise_conv_along_shards", "communication_log", "shard_bounds"]
 
@@ -131,6 +132,7 @@ class _SequenceParallelNystrom(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         if grad_out is None:
             return (None,) * 13

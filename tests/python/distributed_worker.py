@@ -1,8 +1,8 @@
 """One rank of the sequence-parallel tests (test_distributed.py runs it in W processes).
 
-    python distributed_worker.py RANK WORLD PORT OUT.json
+    python distributed_worker.py RANK WORLD PORT OUT.json [cpu|cuda]
 
-Joins a gloo process group on 127.0.0.1:PORT, runs every case of ``cases(WORLD)`` (each rank builds the same
+Joins a process group on 127.0.0.1:PORT (gloo with CPU tensors; NCCL with CUDA tensors, GPU RANK), runs every case of ``cases(WORLD)`` (each rank builds the same
 full inputs from the case's seed, takes its shard, runs torch_nystrom.distributed.nystrom_attention forward and
 backward, and compares its shard of the output and of the gradients with the one-process op on the whole
 sequence, torch.ops.nystrom.nystrom_attention), and writes the errors per case to OUT.json. The process group is
@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+DEVICE = torch.device("cpu")  # where the shards live (main() sets it)
 
 
 @dataclass
@@ -159,10 +161,10 @@ def run_case(c: SPCase, rank: int, world: int) -> dict:
 
     q0, q1 = sum(q_split[:rank]), sum(q_split[:rank + 1])
     k0, k1 = sum(k_split[:rank]), sum(k_split[:rank + 1])
-    loc = [t[:, :, q0:q1].to(c.dtype).clone().requires_grad_() for t in (q,)] + \
-          [t[:, :, k0:k1].to(c.dtype).clone().requires_grad_() for t in (k, v)]
-    lkw = dict(kw, key_padding_mask=None if kpm is None else kpm[:, k0:k1].contiguous(),
-               query_padding_mask=None if qpm is None else qpm[:, q0:q1].contiguous())
+    loc = [t[:, :, q0:q1].to(DEVICE, c.dtype).requires_grad_() for t in (q,)] + \
+          [t[:, :, k0:k1].to(DEVICE, c.dtype).requires_grad_() for t in (k, v)]
+    lkw = dict(kw, key_padding_mask=None if kpm is None else kpm[:, k0:k1].to(DEVICE),
+               query_padding_mask=None if qpm is None else qpm[:, q0:q1].to(DEVICE))
     if c.expect_error:
         try:
             tnd.nystrom_attention(*loc, c.m, **lkw)
@@ -172,8 +174,8 @@ def run_case(c: SPCase, rank: int, world: int) -> dict:
         return {"ok": False, "detail": "no error"}
     with tnd.communication_log() as log:
         out = tnd.nystrom_attention(*loc, c.m, **lkw)
-        out.backward(grad[:, :, q0:q1].to(c.dtype))
-    got = [out.detach(), loc[0].grad, loc[1].grad, loc[2].grad]
+        out.backward(grad[:, :, q0:q1].to(DEVICE, c.dtype))
+    got = [t.cpu() for t in (out.detach(), loc[0].grad, loc[1].grad, loc[2].grad)]
     ref64 = full(torch.float64)
     sl = [slice(q0, q1), slice(q0, q1), slice(k0, k1), slice(k0, k1)]
     names = ["out", "dq", "dk", "dv"]
@@ -228,7 +230,7 @@ def run_layer_case(name, conv, init, masked, splits, rank: int, world: int) -> d
     torch.manual_seed(77)
     kw = dict(pinv_init=init, conv_kernel_size=conv)
     full = torch_nystrom.NystromAttention(E, H, m, **kw).double()
-    sharded = torch_nystrom.NystromAttention(E, H, m, group=dist.group.WORLD, **kw).double()
+    sharded = torch_nystrom.NystromAttention(E, H, m, group=dist.group.WORLD, **kw).double().to(DEVICE)
     sharded.load_state_dict(full.state_dict())
     g = torch.Generator().manual_seed(5)
     x = torch.randn(B, L, E, generator=g, dtype=torch.float64)
@@ -238,24 +240,54 @@ def run_layer_case(name, conv, init, masked, splits, rank: int, world: int) -> d
     xf = x.clone().requires_grad_()
     out = full(xf, mask)
     out.backward(grad)
-    xl = x[:, x0:x1].clone().requires_grad_()
-    outl = sharded(xl, None if mask is None else mask[:, x0:x1].contiguous())
-    outl.backward(grad[:, x0:x1])
-    errors = {"out": _rel(outl.detach(), out.detach()[:, x0:x1]), "dx": _rel(xl.grad, xf.grad[:, x0:x1])}
+    xl = x[:, x0:x1].to(DEVICE).requires_grad_()
+    outl = sharded(xl, None if mask is None else mask[:, x0:x1].to(DEVICE))
+    outl.backward(grad[:, x0:x1].to(DEVICE))
+    errors = {"out": _rel(outl.detach().cpu(), out.detach()[:, x0:x1]), "dx": _rel(xl.grad.cpu(), xf.grad[:, x0:x1])}
     for (pname, pf), ps in zip(full.named_parameters(), sharded.parameters()):
         total = ps.grad.clone()
         dist.all_reduce(total)
+        total = total.cpu()
         # relative to the largest entry, or 1e-3 for gradients that are 0 up to rounding (the key bias: a shift
         # of every key leaves each softmax row unchanged)
         errors["d" + pname] = (total - pf.grad).abs().max().item() / max(pf.grad.abs().max().item(), 1e-3)
     return {"ok": all(e <= 1e-10 for e in errors.values()), "errors": errors}
 
 
+def run_compile_case(rank: int, world: int) -> dict:
+    """torch.compile (aot_eager) of a function calling the sequence-parallel op: same output and gradients as
+    eager (the host reads of the element counts are graph breaks; the stage ops and functional collectives are
+    traced)."""
+    import torch_nystrom.distributed as tnd
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 33, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(2, 33, generator=g) < 0.2
+    lo, hi = tnd.shard_bounds(33, world, rank)
+
+    def f(a, b, c, pad):
+        return tnd.nystrom_attention(a, b, c, 5, key_padding_mask=pad, query_padding_mask=pad).sin()
+
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager")):
+        a, b, c = (t[:, :, lo:hi].to(DEVICE).requires_grad_() for t in (q, k, v))
+        out = fn(a, b, c, mask[:, lo:hi].to(DEVICE))
+        out.sum().backward()
+        results.append([t.cpu() for t in (out.detach(), a.grad, b.grad, c.grad)])
+    errors = {n: _rel(x, y) for n, x, y in zip(["out", "dq", "dk", "dv"], results[1], results[0])}
+    return {"ok": all(e <= 1e-12 for e in errors.values()), "errors": errors}
+
+
 def main() -> int:
+    global DEVICE
     rank, world, port, out_path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    cuda = len(sys.argv) > 5 and sys.argv[5] == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+        DEVICE = torch.device("cuda", rank)
     torch.set_num_threads(1)
     results = {}
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
     try:
         for c in cases(world):
@@ -268,6 +300,10 @@ def main() -> int:
                 results[lc[0]] = run_layer_case(*lc, rank, world)
             except Exception:  # noqa: BLE001 - reported per case
                 results[lc[0]] = {"ok": False, "detail": traceback.format_exc()}
+        try:
+            results["torch_compile_aot_eager"] = run_compile_case(rank, world)
+        except Exception:  # noqa: BLE001 - reported per case
+            results["torch_compile_aot_eager"] = {"ok": False, "detail": traceback.format_exc()}
         dist.barrier()
     finally:
         dist.destroy_process_group()

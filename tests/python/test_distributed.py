@@ -36,8 +36,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int) -> list:
-    """Runs distributed_worker.py in `world` processes; returns each rank's results (dict per case)."""
+def _spawn(world: int, device: str) -> list:
+    """Runs distributed_worker.py in `world` processes (CPU tensors and gloo, or CUDA tensors and NCCL);
+    returns each rank's results (dict per case)."""
     env = dict(os.environ)
     env["NYSTROM_LIBRARY"] = torch_nystrom.library_path()
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(torch_nystrom.__file__)))
@@ -48,7 +49,7 @@ def _spawn(world: int) -> list:
         for attempt in range(2):  # a port taken between _free_port and the bind: once more on another
             port = _free_port()
             outs = [os.path.join(tmp, f"rank{r}_{attempt}.json") for r in range(world)]
-            procs = [subprocess.Popen([sys.executable, script, str(r), str(world), str(port), outs[r]], env=env,
+            procs = [subprocess.Popen([sys.executable, script, str(r), str(world), str(port), outs[r], device], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                      for r in range(world)]
             logs = []
@@ -77,11 +78,16 @@ def _spawn(world: int) -> list:
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"world{w}" for w in WORLD_SIZES])
-def world_results(request):
-    return request.param, _spawn(request.param)
+def world_results(request, device):
+    """Per device of the suite (helpers.devices()): "cpu" and the emulated CUDA backend "emu" run gloo on CPU
+    tensors (the stage ops of the library this process loaded); "cuda" runs NCCL, one GPU per rank."""
+    world = request.param
+    if device.type == "cuda" and torch.cuda.device_count() < world:
+        pytest.skip(f"NCCL with {world} ranks needs {world} GPUs; this host has {torch.cuda.device_count()}")
+    return world, _spawn(world, device.type)
 
 
-CASE_NAMES = [c.name for c in worker.cases(2)] + [lc[0] for lc in worker.LAYER_CASES]
+CASE_NAMES = [c.name for c in worker.cases(2)] + [lc[0] for lc in worker.LAYER_CASES] + ["torch_compile_aot_eager"]
 assert CASE_NAMES[:len(worker.cases(3))] == [c.name for c in worker.cases(3)]
 
 
@@ -118,8 +124,8 @@ def _one_rank_pipeline(q, k, v, m, kpm, qpm, iterations=3, init="per_head", scal
         return getattr(ops, name)(*args)
 
     B = q.size(0)
-    lq = (~qpm).sum(1) if qpm is not None else torch.full((B,), q.size(2))
-    lk = (~kpm).sum(1) if kpm is not None else torch.full((B,), k.size(2))
+    lq = (~qpm).sum(1).cpu() if qpm is not None else torch.full((B,), q.size(2))
+    lk = (~kpm).sum(1).cpu() if kpm is not None else torch.full((B,), k.size(2))
     z = torch.zeros(B, dtype=torch.long)
     geometry = torch.stack([z, lq.long(), z, lk.long()], 1).contiguous()
     rows = min(m, max(q.size(2), k.size(2)))
@@ -129,7 +135,7 @@ def _one_rank_pipeline(q, k, v, m, kpm, qpm, iterations=3, init="per_head", scal
     kl, bv, zbv, lse_l, c = call("nystrom_sp_pseudoinverse", ql, ks, vs, s, pv, pmax, geometry, m, iterations, init,
                                  scale)
     out, lse_q = call("nystrom_sp_query_forward", q, kl, zbv, geometry, m, qpm, scale)
-    g = torch.randn_like(out)
+    g = torch.randn(out.shape, dtype=out.dtype).to(out.device)
     dq, dkl, dw = call("nystrom_sp_query_backward", g, q, kl, zbv, lse_q, geometry, m, qpm, scale)
     dql, kshare, dbv, vshare = call("nystrom_sp_pseudoinverse_backward", dkl, dw, ql, kl, bv, c, geometry, m,
                                     iterations, init, scale)
@@ -139,14 +145,15 @@ def _one_rank_pipeline(q, k, v, m, kpm, qpm, iterations=3, init="per_head", scal
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_one_rank_stages_equal_the_op(dtype):
+def test_one_rank_stages_equal_the_op(device, dtype):
     torch.manual_seed(0)
     B, H, L, S, D, Dv, m = 3, 2, 19, 23, 5, 4, 6
-    q, k, v = (torch.randn(B, H, n, d, dtype=dtype) for n, d in ((L, D), (S, D), (S, Dv)))
+    q, k, v = (torch.randn(B, H, n, d, dtype=dtype).to(device.torch) for n, d in ((L, D), (S, D), (S, Dv)))
     kpm = torch.rand(B, S) < 0.3
     qpm = torch.rand(B, L) < 0.3
     kpm[0, 5:] = True  # element 0: exact path (at most m real keys and queries)
     qpm[0, 4:] = True
+    kpm, qpm = kpm.to(device.torch), qpm.to(device.torch)
     out, grads, g, _ = _one_rank_pipeline(q, k, v, m, kpm, qpm)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
     ref = torch.ops.nystrom.nystrom_attention(qq, kk, vv, m, 3, "per_head", kpm, qpm, None)
@@ -156,12 +163,12 @@ def test_one_rank_stages_equal_the_op(dtype):
         assert (a - b).abs().max() <= tol * b.abs().max()
 
 
-def test_stage_ops_opcheck():
+def test_stage_ops_opcheck(device):
     """Schemas, fake-tensor (Meta) kernels against the real ones, and the dispatcher's checks, per stage op."""
     torch.manual_seed(1)
     B, H, L, S, D, Dv, m = 2, 2, 9, 11, 3, 4, 4
-    q, k, v = (torch.randn(B, H, n, d, dtype=torch.float64) for n, d in ((L, D), (S, D), (S, Dv)))
-    kpm = torch.rand(B, S) < 0.3
+    q, k, v = (torch.randn(B, H, n, d, dtype=torch.float64).to(device.torch) for n, d in ((L, D), (S, D), (S, Dv)))
+    kpm = (torch.rand(B, S) < 0.3).to(device.torch)
     for init in ("per_head", "original"):
         _, _, _, calls = _one_rank_pipeline(q, k, v, m, kpm, None, init=init, scale=0.6)
         assert len(calls) == 9
