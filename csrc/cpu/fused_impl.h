@@ -3,238 +3,12 @@
 // (8 floats per vector, -mavx2 -mfma) and fused_avx512.cpp (16 floats,
 // -mavx512f -mfma). Each of those defines NYSTROM_SIMD_NS (the namespace of
 // its copy) and NYSTROM_SIMD_WIDTH before including this file; no torch
-// header is included, so no torch inline code is built for these ISAs.
-//
-// The products are register-blocked: a block of kMR rows of the left operand
-// times kNV vectors of columns of the right one accumulates in kMR x kNV
-// vector registers, each left element broadcast once per step of the inner
-// dimension. Operands are read where they lie (row pointers and strides); only
-// the small per-head matrices are packed, by the caller.
-#include "cpu/fused.h"
-#include "element.h"
-
-#include <immintrin.h>
-
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-#if !defined(NYSTROM_SIMD_NS) || !defined(NYSTROM_SIMD_WIDTH)
-#error "define NYSTROM_SIMD_NS and NYSTROM_SIMD_WIDTH before including fused_impl.h"
-#endif
+// header is included, so no torch inline code is built for these ISAs. The
+// vector primitives they are built from are in fused_simd.h.
+#include "cpu/fused_simd.h"
 
 namespace nystrom::cpu::fused::NYSTROM_SIMD_NS {
 namespace {
-
-constexpr int kW = NYSTROM_SIMD_WIDTH;  // floats per vector
-typedef float V __attribute__((vector_size(kW * 4)));
-typedef int32_t VI __attribute__((vector_size(kW * 4)));
-
-// Rows per register block, and the most column vectors per block: 6 x 2 (AVX2,
-// 12 accumulators of 16) or 6 x 4 (AVX-512, 24 of 32).
-constexpr int kMR = 6;
-constexpr int kNV = kW == 8 ? 2 : 4;
-
-inline V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
-inline V splat(float x) {
-  return x - V{};  // x - 0 is x for every x (also -0), so this folds to a broadcast
-}
-inline V select(VI mask, V a, V b) {  // mask ? a : b, lane by lane
-  return (V)(((VI)a & mask) | ((VI)b & ~mask));
-}
-inline V vmax(V a, V b) { return select(a > b, a, b); }
-
-// exp(x) lane by lane, the one exponential of the CPU kernels: x = n ln2 + r,
-// |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation below 6e-8
-// relative; 7e-8 measured against exp in double), 2^n through the exponent
-// bits; 0 below -87.3 (e^x would be subnormal), so exp(-inf) = 0; NaN gives
-// NaN (as ATen's exp does, so a NaN input is not silently dropped).
-inline V vexp(V x) {
-  const V lo = splat(-87.3f), hi = splat(88.7f);
-  const VI under = x < lo;
-  x = select(under, lo, x);  // clamps that keep a NaN a NaN (vmax would replace it by lo)
-  x = select(x > hi, hi, x);
-  // n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer, which then
-  // sits in the low mantissa bits.
-  const V magic = splat(12582912.0f);
-  const V t = x * 1.44269504088896341f + magic;
-  const V n = t - magic;
-  V r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  V p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const VI e = (((VI)t - (VI)magic) + 127) << 23;
-  return select(under, splat(0.0f), p * (V)e);
-}
-
-// The larger of a and b; b when a is NaN (as fmax, which is a libm call here).
-inline float fmax2(float a, float b) { return a > b ? a : b; }
-inline float hmax(V v) {
-  float m = v[0];
-  for (int i = 1; i < kW; ++i) m = fmax2(v[i], m);
-  return m;
-}
-inline float hsum(V v) {
-  float s = 0.0f;
-  for (int i = 0; i < kW; ++i) s += v[i];
-  return s;
-}
-
-// c[r][0 .. n) (row r at c + r * ldc) = sum_k a[r][k * ak] * b[k * ldb + (0 .. n)]
-// for r < rows (<= kMR), n <= NV * kW: one register block of a product. b's
-// rows are readable up to NV * kW floats; a[r] for r >= rows must be readable
-// (their sums are dropped).
-template <int NV>
-inline void block(const float* const* a, int rows, int64_t ak, int64_t K, const float* b, int64_t ldb, float* c,
-                  int64_t ldc, int64_t n) {
-  V acc[kMR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) acc[r][j] = splat(0.0f);
-  const float* ar[kMR];
-#pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r) ar[r] = a[r];
-  for (int64_t k = 0; k < K; ++k) {
-    V bv[NV];
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) bv[j] = load(b + j * kW);
-    const int64_t o = k * ak;
-    // one broadcast live at a time: 12 accumulators, 2 columns and 1
-    // broadcast fill AVX2's 16 registers
-#pragma GCC unroll 8
-    for (int r = 0; r < kMR; ++r) {
-      const V x = splat(ar[r][o]);
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) acc[r][j] += x * bv[j];
-    }
-    b += ldb;
-  }
-  if (n == NV * kW) {
-#pragma GCC unroll 8
-    for (int r = 0; r < kMR; ++r) {
-      if (r < rows) {
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) store(c + r * ldc + j * kW, acc[r][j]);
-      }
-    }
-  } else {
-    alignas(64) float tmp[NV * kW];
-    for (int r = 0; r < rows; ++r) {
-      for (int j = 0; j < NV; ++j) store(tmp + j * kW, acc[r][j]);
-      std::memcpy(c + r * ldc, tmp, n * sizeof(float));
-    }
-  }
-}
-
-// c[r][0 .. cols) for r < rows (<= kMR) = rows of a (as in block) times the
-// (K x cols) matrix b (row stride ldb, readable up to the next multiple of kW
-// columns); row r of c at c + r * ldc.
-inline void product(const float* const* a, int rows, int64_t ak, int64_t K, const float* b, int64_t ldb,
-                    int64_t cols, float* c, int64_t ldc) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kNV * kW) {
-    const int64_t n = cols - c0 < kNV * kW ? cols - c0 : kNV * kW;
-    switch ((n + kW - 1) / kW) {
-      case 1:
-        block<1>(a, rows, ak, K, b + c0, ldb, c + c0, ldc, n);
-        break;
-      case 2:
-        block<2>(a, rows, ak, K, b + c0, ldb, c + c0, ldc, n);
-        break;
-      case 3:
-        if constexpr (kNV >= 3) block<3>(a, rows, ak, K, b + c0, ldb, c + c0, ldc, n);
-        break;
-      default:
-        if constexpr (kNV >= 4) block<4>(a, rows, ak, K, b + c0, ldb, c + c0, ldc, n);
-        break;
-    }
-  }
-}
-
-// Pointers to rows r0 .. r0 + kMR of x (row stride ld); rows past `rows`
-// repeat row r0 (read, never written back).
-inline int row_block(const float* x, int64_t ld, int64_t r0, int64_t rows, const float* (&p)[kMR]) {
-  const int n = rows - r0 < kMR ? static_cast<int>(rows - r0) : kMR;
-  for (int r = 0; r < kMR; ++r) p[r] = x + (r0 + (r < n ? r : 0)) * ld;
-  return n;
-}
-
-// c = op(a) · op(b) for n x n row-major matrices (n a multiple of kW);
-// op(x) = xᵀ when the flag is set. A transposed right operand is copied into
-// tbuf (n x n) first; a transposed left one is read down its columns.
-inline void square_product(const float* a, bool ta, const float* b, bool tb, float* c, int64_t n, float* tbuf) {
-  if (tb) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) tbuf[j * n + i] = b[i * n + j];
-    b = tbuf;
-  }
-  for (int64_t r0 = 0; r0 < n; r0 += kMR) {
-    const float* pr[kMR];
-    const int rows = ta ? row_block(a, 1, r0, n, pr) : row_block(a, n, r0, n, pr);
-    product(pr, rows, ta ? n : 1, n, b, n, n, c + r0 * n, n);
-  }
-}
-
-// t = k I - x (n x n)
-inline void identity_minus(float k, const float* x, float* t, int64_t n) {
-  for (int64_t i = 0; i < n * n; ++i) t[i] = -x[i];
-  for (int64_t i = 0; i < n; ++i) t[i * n + i] += k;
-}
-
-// x *= s; y += s * x (n x n)
-inline void scale(float s, float* x, int64_t n) {
-  for (int64_t i = 0; i < n * n; ++i) x[i] *= s;
-}
-inline void add_scaled(float s, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n * n; ++i) y[i] += s * x[i];
-}
-
-// One Newton–Schulz iteration's terms: X = A Z, Y3 = 7I - X,
-// Y2 = 15I - X Y3, Y1 = 13I - X Y2 (n x n each; tmp is scratch).
-inline void iteration_terms(const float* A, const float* Z, int64_t n, float* X, float* Y3, float* Y2, float* Y1,
-                            float* tmp) {
-  square_product(A, false, Z, false, X, n, nullptr);
-  identity_minus(7.0f, X, Y3, n);
-  square_product(X, false, Y3, false, tmp, n, nullptr);
-  identity_minus(15.0f, tmp, Y2, n);
-  square_product(X, false, Y2, false, tmp, n, nullptr);
-  identity_minus(13.0f, tmp, Y1, n);
-}
-
-
-// exp of each of the n floats at x, in place, through vexp: whole vectors,
-// then the tail through a zero-padded vector (no access past x + n).
-inline void exp_in_place(float* x, int64_t n, float shift, float* sum) {
-  V vs = splat(0.0f);
-  const V vshift = splat(shift);
-  int64_t c = 0;
-  for (; c + kW <= n; c += kW) {
-    const V e = vexp(load(x + c) - vshift);
-    store(x + c, e);
-    vs += e;
-  }
-  float s = hsum(vs);
-  if (c < n) {
-    alignas(64) float tail[kW] = {};
-    std::memcpy(tail, x + c, (n - c) * sizeof(float));
-    const V e = vexp(load(tail) - vshift);
-    store(tail, e);
-    for (int64_t i = 0; i < n - c; ++i) s += tail[i];
-    std::memcpy(x + c, tail, (n - c) * sizeof(float));
-  }
-  if (sum != nullptr) *sum = s;
-}
 
 // ---- half-precision elements ----
 // bfloat16 -> float is exact (the 16 bits become the high half); float ->
@@ -447,12 +221,8 @@ void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t 
       store(col_sum + c, load(col_sum + c) + e);
     }
   }
-  // pv (m x Dv) = Pᵀ · v: row j of Pᵀ is column j of work (stride mp)
-  for (int64_t j0 = 0; j0 < m; j0 += kMR) {
-    const float* pj[kMR];
-    const int n = row_block(work, 1, j0, m, pj);
-    product(pj, n, mp, rows, v, ldv, Dv, pv + j0 * ldpv, ldpv);
-  }
+  // pv (m x Dv) = Pᵀ · v
+  product_tn(work, mp, m, rows, v, ldv, Dv, pv, ldpv);
 }
 
 void backward_tile(const BackwardTile& t) {
@@ -507,16 +277,8 @@ void backward_tile(const BackwardTile& t) {
     }
   }
   // t1 (m x D) = Xᵀ · x and t2 (m x Dv) = Pᵀ · y over the whole tile
-  for (int64_t j0 = 0; j0 < m; j0 += kMR) {
-    const float* xj[kMR];
-    const int n = row_block(t.xbuf, 1, j0, m, xj);
-    product(xj, n, mp, t.rows, t.x, t.ldx, t.D, t.t1 + j0 * t.ldt1, t.ldt1);
-    if (t.t2 != nullptr) {
-      const float* pj[kMR];
-      row_block(t.pbuf, 1, j0, m, pj);
-      product(pj, n, mp, t.rows, t.y, t.ldy, t.Dv, t.t2 + j0 * t.ldt2, t.ldt2);
-    }
-  }
+  product_tn(t.xbuf, mp, m, t.rows, t.x, t.ldx, t.D, t.t1, t.ldt1);
+  if (t.t2 != nullptr) product_tn(t.pbuf, mp, m, t.rows, t.y, t.ldy, t.Dv, t.t2, t.ldt2);
 }
 
 void newton_schulz(const float* A, float c, int64_t iterations, int64_t n, float* Z, bool keep_all, float* work) {
