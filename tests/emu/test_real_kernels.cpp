@@ -3,7 +3,8 @@
 // computations, under the three schedules (which must also agree bitwise):
 // softmax_matmul_kernel (query pass in float and double; landmark pass with
 // three key splits, then merge_kernel), newton_schulz_kernel, and the
-// tensor-core tc_query_kernel (WMMA, __half).
+// tensor-core tc_query_kernel (WMMA, __half); and the bank arithmetic of the
+// tensor-core softmax's column order.
 //
 // The kernel sources write their launches and shared memory through the
 // seams of cuda/emu/seams.h, so they build here as they are.
@@ -340,6 +341,35 @@ TEST_F(RealKernels, TensorCoreQueryKernelHalf) {
     outs.push_back(out);
   }
   for (const auto& o : outs) EXPECT_TRUE(same_bits(o, outs.front()));
+}
+
+// The tensor-core softmax's column order (tc_column, forward_tc_kernels.cuh):
+// at every step the 32 lanes of a warp (row r = lane / 2, half = lane % 2)
+// read 32 different banks of the float logits sS and write 32 different
+// banks of the 2-byte probabilities sP (row stride 64 elements, 4-byte banks).
+TEST(TensorCoreSoftmax, ColumnOrderIsFreeOfBankConflicts) {
+  for (int i = 0; i < 32; ++i) {
+    bool s_bank[32] = {}, p_bank[32] = {};
+    for (int lane = 0; lane < 32; ++lane) {
+      const int r = lane >> 1, half = lane & 1, c = k::tc_column(half, i, lane);
+      ASSERT_GE(c, half * 32);
+      ASSERT_LT(c, half * 32 + 32);
+      const int sb = (r * k::kTcSlots + c) % 32;            // float: one element per bank word
+      const int pb = ((r * k::kTcSlots + c) * 2 / 4) % 32;  // 2-byte elements, two per word
+      EXPECT_FALSE(s_bank[sb]) << "step " << i << " lane " << lane << ": sS bank " << sb << " taken";
+      EXPECT_FALSE(p_bank[pb]) << "step " << i << " lane " << lane << ": sP bank " << pb << " taken";
+      s_bank[sb] = p_bank[pb] = true;
+    }
+  }
+  // over its 32 steps a lane visits each of its 32 columns once
+  for (int lane = 0; lane < 32; ++lane) {
+    bool seen[64] = {};
+    for (int i = 0; i < 32; ++i) {
+      const int c = k::tc_column(lane & 1, i, lane);
+      EXPECT_FALSE(seen[c]);
+      seen[c] = true;
+    }
+  }
 }
 
 }  // namespace
