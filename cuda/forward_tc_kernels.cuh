@@ -12,6 +12,8 @@
 
 #include <mma.h>
 
+#include <cstring>
+
 namespace nystrom::cuda {
 namespace kern {
 
@@ -37,6 +39,67 @@ constexpr size_t tc_landmark_smem(int D, int DV) {
   return sizeof(T) * kTcSlots * (2 * D + DV) +
          kTcWarps * (sizeof(float) * kTcRows * kTcSlots + sizeof(T) * kTcRows * kTcSlots +
                      sizeof(float) * kTcRows * DV + sizeof(float) * kTcRows);
+}
+
+// Rows move between global and shared memory 16 bytes (8 half elements) at a
+// time: a warp's load of 16 rows x D takes D/8 x 16 / 32 vector loads per lane
+// instead of D/2 two-byte loads, all independent (8 per lane at D = 128), so
+// a warp has 8x the bytes in flight per instruction. A row whose address or
+// the chunk's is not 16-byte aligned (a tensor sliced at an odd offset, a row
+// stride that is not a multiple of 8) is moved element by element; the check
+// is per row, so aligned rows keep the vector path. Consecutive lanes touch
+// consecutive 16-byte chunks of a row: shared-memory stores without bank
+// conflicts (each quarter warp covers 128 contiguous bytes).
+struct alignas(16) Pack16 {
+  unsigned int w[4];
+};
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+template <typename T>
+__device__ __forceinline__ void copy8(T* dst, const T* src) {  // dst 16-byte aligned (shared memory)
+  if (aligned16(src)) {
+#if defined(__CUDACC__)
+    *reinterpret_cast<Pack16*>(dst) = *reinterpret_cast<const Pack16*>(src);
+#else
+    __builtin_memcpy(dst, src, 16);  // the emulation: no type punning
+#endif
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dst[j] = src[j];
+  }
+}
+template <typename T>
+__device__ __forceinline__ void zero8(T* dst) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) dst[j] = from_acc<T>(0.0f);
+}
+// 8 floats of shared memory, rounded to T, to a global row (two T per 32-bit
+// word, built in registers: no local array).
+template <typename T>
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+  const T a = from_acc<T>(lo), b = from_acc<T>(hi);
+  unsigned short x, y;
+  memcpy(&x, &a, 2);
+  memcpy(&y, &b, 2);
+  return static_cast<unsigned int>(x) | (static_cast<unsigned int>(y) << 16);
+}
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float* src) {
+  if (aligned16(dst)) {
+    Pack16 v;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v.w[j] = pack2<T>(src[2 * j], src[2 * j + 1]);
+#if defined(__CUDACC__)
+    *reinterpret_cast<Pack16*>(dst) = v;
+#else
+    __builtin_memcpy(static_cast<void*>(dst), &v, 16);
+#endif
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dst[j] = from_acc<T>(src[j]);
+  }
 }
 
 // The softmax of a warp's 16 x 64 logits runs on lane pairs: lane l owns row
@@ -133,9 +196,14 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
   for (int tile = 0; tile < tiles_per_block; ++tile) {
     const int x0 = first + tile * BR + warp * kTcRows;  // this warp's first row
     if (x0 >= nx) break;                                // warp-uniform
-    for (int i = lane; i < kTcRows * D; i += 32) {
-      const int rr = i / D;
-      sQ[i] = x0 + rr < nx ? row_ptr<T>(a.x, b, h, x0 + rr)[i % D] : from_acc<T>(0.0f);
+#pragma unroll
+    for (int i = lane; i < kTcRows * D / 8; i += 32) {  // 16-byte chunks
+      const int rr = i / (D / 8), c8 = (i % (D / 8)) * 8;
+      if (x0 + rr < nx) {
+        copy8(sQ + rr * D + c8, row_ptr<T>(a.x, b, h, x0 + rr) + c8);
+      } else {
+        zero8(sQ + rr * D + c8);
+      }
     }
     __syncwarp();
     tc_logits<T, D>(sQ, sK, sS);
@@ -164,12 +232,13 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
     __syncwarp();
     tc_product<T, DV>(sP, sW, sO, /*accumulate=*/false);
     __syncwarp();
-    for (int i = lane; i < kTcRows * DV; i += 32) {
-      const int rr = i / DV;
+#pragma unroll
+    for (int i = lane; i < kTcRows * DV / 8; i += 32) {  // 16-byte chunks
+      const int rr = i / (DV / 8), c8 = (i % (DV / 8)) * 8;
       if (x0 + rr >= nx) continue;
       const int64_t pos = position(a.out.index, a.out.npad, b, x0 + rr);
       T* orow = static_cast<T*>(a.out.data) + b * a.out.sb + h * a.out.sh + pos * a.out.sr;
-      orow[i % DV] = from_acc<T>(sO[i]);
+      store8(orow + c8, sO + rr * DV + c8);
     }
     __syncwarp();
   }
@@ -213,13 +282,23 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
 
   for (int c0 = y0; c0 < y1; c0 += kTcSlots) {
     __syncthreads();  // the previous chunk is consumed (and sQ is loaded)
-    for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) {
-      const int rr = i / D;
-      sK[i] = c0 + rr < y1 ? row_ptr<T>(a.y, b, h, c0 + rr)[i % D] : from_acc<T>(0.0f);
+#pragma unroll
+    for (int i = tid; i < kTcSlots * D / 8; i += kTcWarps * 32) {  // 16-byte chunks
+      const int rr = i / (D / 8), c8 = (i % (D / 8)) * 8;
+      if (c0 + rr < y1) {
+        copy8(sK + rr * D + c8, row_ptr<T>(a.y, b, h, c0 + rr) + c8);
+      } else {
+        zero8(sK + rr * D + c8);
+      }
     }
-    for (int i = tid; i < kTcSlots * DV; i += kTcWarps * 32) {
-      const int rr = i / DV;
-      sV[i] = c0 + rr < y1 ? row_ptr<T>(a.v, b, h, c0 + rr)[i % DV] : from_acc<T>(0.0f);
+#pragma unroll
+    for (int i = tid; i < kTcSlots * DV / 8; i += kTcWarps * 32) {
+      const int rr = i / (DV / 8), c8 = (i % (DV / 8)) * 8;
+      if (c0 + rr < y1) {
+        copy8(sV + rr * DV + c8, row_ptr<T>(a.v, b, h, c0 + rr) + c8);
+      } else {
+        zero8(sV + rr * DV + c8);
+      }
     }
     __syncthreads();
     tc_logits<T, D>(sQw, sK, sS);

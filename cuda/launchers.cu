@@ -31,6 +31,14 @@ cudaError_t pool_landmarks(DType dt, const Problem& p, Side side, Only only, Row
 
 int rows_per_block(DType dt) { return kern::kWarps * (dt == DType::kFloat64 ? kern::rpw<double>() : kern::rpw<float>()); }
 
+int landmark_blocks_per_head(DType dt, const Problem& p) {
+  if ((dt == DType::kFloat16 && kern::tc_usable<__half, true>(p)) ||
+      (dt == DType::kBFloat16 && kern::tc_usable<__nv_bfloat16, true>(p)))
+    return 1;
+  const int rows = rows_per_block(dt);
+  return (p.ms + rows - 1) / rows;
+}
+
 size_t softmax_matmul_smem(DType dt, int D, int Dv) {
   return dt == DType::kFloat64 ? kern::forward_smem_t<double>(D, Dv) : kern::forward_smem_t<float>(D, Dv);
 }

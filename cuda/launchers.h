@@ -71,6 +71,11 @@ cudaError_t pool_landmarks(DType dt, const Problem& p, Side side, Only only, Row
 /// Rows per thread block of the long-product kernels (for sizing grids).
 int rows_per_block(DType dt);
 
+/// Thread blocks per head and key split of the Bm·V pass: 1 where the
+/// tensor-core kernel serves the call (its block holds all ms <= 64 landmark
+/// rows), else ceil(ms / rows_per_block).
+int landmark_blocks_per_head(DType dt, const Problem& p);
+
 /// Dynamic shared memory of the forward and backward long-product kernels.
 size_t softmax_matmul_smem(DType dt, int D, int Dv);
 size_t backward_smem(DType dt, int D, int Dv);

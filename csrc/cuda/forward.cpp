@@ -67,12 +67,14 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   r.pinv_scale.copy_(c);
   Tensor c_safe = at::where(lay.nys.reshape({B, H}), c, at::ones({}, c.options())).contiguous();
 
-  // Step 4: Bm·V with the keys split across blocks.
-  const int64_t rows = gpu::rows_per_block(lay.dt);
-  const int64_t per_head = (ms + rows - 1) / rows;
-  const int64_t splits =
-      std::clamp<int64_t>((target_blocks(lay) + B * H * per_head - 1) / (B * H * per_head), 1,
-                          std::max<int64_t>(1, std::min<int64_t>(1024, S / 256)));
+  // Step 4: Bm·V with the keys split across blocks: as many splits as keep
+  // the grid within two blocks per multiprocessor (one wave). With B·H = 64
+  // on 132 SMs the tensor-core kernel (one block per head and split) gets 4
+  // splits, 256 blocks on 264 slots; counting it as two blocks per head and
+  // rounding up gave 3 splits, 192 blocks: 60 SMs ran two, 72 one.
+  const int64_t per_head = gpu::landmark_blocks_per_head(lay.dt, p);
+  const int64_t splits = std::clamp<int64_t>(target_blocks(lay) / (B * H * per_head), 1,
+                                             std::max<int64_t>(1, std::min<int64_t>(1024, S / 256)));
   Tensor part_max = at::empty({B * H, splits, ms}, call.acc_opts);
   Tensor part_sum = at::empty({B * H, splits, ms}, call.acc_opts);
   Tensor part_acc = at::empty({B * H, splits, ms, Dv}, call.acc_opts);

@@ -238,3 +238,24 @@ def test_one_backward_makes_a_handful_of_launches(original, cuda_device, monkeyp
     assert fused <= 45, f"{fused} launches with the fused m x m kernel"
     assert 5 * fused <= aten, f"fused {fused} vs ATen {aten} launches"
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_tensor_core_rows_not_16_byte_aligned(dtype, cuda_device):
+    """The tensor-core forward moves rows 16 bytes at a time where a row is 16-byte aligned, element by element
+    where it is not (views at an odd offset, row strides that are not a multiple of 8 elements): both give the
+    same bits as the same values in fresh, aligned tensors, in the output and the gradients."""
+    q, k, v, kw = CASE["tc_d64_m64"].build(dtype, cuda_device)
+    g = cotangent(q.shape[:-1] + (v.shape[-1],), dtype, cuda_device)
+
+    def odd_view(t):  # the same values one element into a wider buffer: rows 2 bytes off, stride D + 3
+        wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype, device=t.device)
+        wide[..., 1:1 + t.shape[-1]] = t
+        return wide[..., 1:1 + t.shape[-1]]
+
+    results = []
+    for inputs in ((q, k, v), tuple(odd_view(t) for t in (q, k, v))):
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        out = nystrom_attention(*leaves, **kw)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, g)])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), f"{name}: aligned and unaligned rows differ"
