@@ -39,6 +39,16 @@ using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+/// Rows of the long axis (queries or keys of the shard) per step of the stages that run over it: their
+/// temporaries are (B, H, kChunkRows, ms), not (B, H, n, ms).
+constexpr int64_t kChunkRows = 2048;
+
+/// Rows [r0, r0 + n) of a (B, n_all) mask, if any.
+inline std::optional<Tensor> mask_rows(const std::optional<Tensor>& mask, int64_t r0, int64_t n) {
+  if (!mask.has_value() || !mask->defined()) return std::nullopt;
+  return mask->narrow(1, r0, n);
+}
+
 inline at::ScalarType acc_of(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
@@ -194,6 +204,14 @@ inline Tensors3 segment_sums(const Tensor& q, const Tensor& k, const Tensor& v, 
           segment_sums_of(v, kpm, g.k_off, g.k_tot, g.mv, ms, acc)};
 }
 
+/// The partials of landmark_values rescaled to the global maximum (an
+/// all-reduce max of part_max), ready to be summed over the ranks.
+inline Tensors2 merge_landmark_values(const Tensor& part_max, const Tensor& part_sum, const Tensor& part_pv,
+                                      const Tensor& global_max) {
+  Tensor w = at::where(part_max.isneginf(), at::zeros({}, part_max.options()), part_max.sub(global_max).exp());
+  return {part_sum.mul(w), part_pv.mul(w.unsqueeze(-1))};
+}
+
 /// q̃ = the global query sums divided by the segment sizes, and this shard's
 /// part of Bm·V (§2 step 3): per landmark row, the maximum of scale q̃ kᵀ over
 /// the shard's real keys (-inf without any), the sum of exp(logit - max) and
@@ -209,22 +227,27 @@ inline Tensors4 landmark_values(const Tensor& q_sums, const Tensor& k, const Ten
   if (S == 0 || ms == 0) {
     return {ql, at::full({B, H, ms}, ninf, opts), at::zeros({B, H, ms}, opts), at::zeros({B, H, ms, Dv}, opts)};
   }
-  Tensor logits = at::matmul(ql.mul(scale), real_rows(k, kpm, acc).transpose(-1, -2));
-  Tensor keys = given(kpm) ? kpm->logical_not().view({B, 1, 1, S}) : at::ones({1, 1, 1, S}, k.options().dtype(at::kBool));
-  Tensor valid = keys.logical_and(rows_below(g.mq, ms));
-  logits.masked_fill_(valid.logical_not(), ninf);
-  Tensor mx = logits.amax(-1);
-  Tensor shift = at::where(mx.isneginf(), at::zeros({}, opts), mx);
-  Tensor p = logits.sub_(shift.unsqueeze(-1)).exp_();
-  return {ql, mx, p.sum(-1), at::matmul(p, real_rows(v, kpm, acc))};
-}
-
-/// The partials of landmark_values rescaled to the global maximum (an
-/// all-reduce max of part_max), ready to be summed over the ranks.
-inline Tensors2 merge_landmark_values(const Tensor& part_max, const Tensor& part_sum, const Tensor& part_pv,
-                                      const Tensor& global_max) {
-  Tensor w = at::where(part_max.isneginf(), at::zeros({}, part_max.options()), part_max.sub(global_max).exp());
-  return {part_sum.mul(w), part_pv.mul(w.unsqueeze(-1))};
+  const Tensor ql_s = ql.mul(scale), rows = rows_below(g.mq, ms);
+  Tensor mx, sum, pv;  // the running partials, merged chunk by chunk as the ranks' are
+  for (int64_t r0 = 0; r0 < S; r0 += kChunkRows) {
+    const int64_t n = std::min(kChunkRows, S - r0);
+    const std::optional<Tensor> mask = mask_rows(kpm, r0, n);
+    Tensor logits = at::matmul(ql_s, real_rows(k.narrow(2, r0, n), mask, acc).transpose(-1, -2));
+    Tensor valid = given(mask) ? rows.logical_and(mask->logical_not().view({B, 1, 1, n})) : rows;
+    logits.masked_fill_(valid.logical_not(), ninf);
+    Tensor cmx = logits.amax(-1);
+    Tensor p = logits.sub_(at::where(cmx.isneginf(), at::zeros({}, opts), cmx).unsqueeze(-1)).exp_();
+    Tensor csum = p.sum(-1), cpv = at::matmul(p, real_rows(v.narrow(2, r0, n), mask, acc));
+    if (r0 == 0) {
+      mx = cmx, sum = csum, pv = cpv;
+      continue;
+    }
+    Tensor both = at::maximum(mx, cmx);
+    auto [s0, p0] = merge_landmark_values(mx, sum, pv, both);
+    auto [s1, p1] = merge_landmark_values(cmx, csum, cpv, both);
+    mx = both, sum = s0.add_(s1), pv = p0.add_(p1);
+  }
+  return {ql, mx, sum, pv};
 }
 
 /// The m x m part, identical on every rank: k̃ (the global key sums over the
@@ -258,11 +281,19 @@ inline Tensors2 query_forward(const Tensor& q, const Tensor& k_landmarks, const 
   const Geometry g("nystrom_sp_query_forward", geometry, m, q.device());
   const at::ScalarType acc = k_landmarks.scalar_type();
   const int64_t B = q.size(0), L = q.size(2), ms = k_landmarks.size(2);
-  Tensor logits = at::matmul(real_rows(q, qpm, acc), k_landmarks.mul(scale).transpose(-1, -2));
-  Tensor cols = rows_below(g.mk, ms).transpose(-1, -2);
-  Tensor rows = given(qpm) ? qpm->logical_not().view({B, 1, L, 1}) : at::ones({1, 1, L, 1}, q.options().dtype(at::kBool));
-  auto [F, lse] = masked_softmax(logits, cols, rows);
-  return {at::matmul(F, zbv).to(q.scalar_type()), lse};
+  const Tensor kl_s = k_landmarks.mul(scale).transpose(-1, -2), cols = rows_below(g.mk, ms).transpose(-1, -2);
+  Tensor out = at::empty({B, q.size(1), L, zbv.size(3)}, q.options());
+  Tensor lse = at::empty({B, q.size(1), L}, k_landmarks.options());
+  for (int64_t r0 = 0; r0 < L; r0 += kChunkRows) {
+    const int64_t n = std::min(kChunkRows, L - r0);
+    const std::optional<Tensor> mask = mask_rows(qpm, r0, n);
+    Tensor logits = at::matmul(real_rows(q.narrow(2, r0, n), mask, acc), kl_s);
+    Tensor rows = given(mask) ? mask->logical_not().view({B, 1, n, 1}) : at::ones({1, 1, n, 1}, q.options().dtype(at::kBool));
+    auto [F, l] = masked_softmax(logits, cols, rows);
+    out.narrow(2, r0, n).copy_(at::matmul(F, zbv));
+    lse.narrow(2, r0, n).copy_(l);
+  }
+  return {out, lse};
 }
 
 // --------------------------------------------------------------- backward --
@@ -276,20 +307,29 @@ inline Tensors3 query_backward(const Tensor& grad_out, const Tensor& q, const Te
   const Geometry g("nystrom_sp_query_backward", geometry, m, q.device());
   const at::ScalarType acc = k_landmarks.scalar_type();
   const int64_t B = q.size(0), L = q.size(2), ms = k_landmarks.size(2);
-  Tensor qz = real_rows(q, qpm, acc);
-  Tensor kl_s = k_landmarks.mul(scale);
-  Tensor rows = g.mk.gt(0).view({B, 1, 1, 1});  // the element has keys
-  if (given(qpm)) rows = rows.logical_and(qpm->logical_not().view({B, 1, L, 1}));
-  Tensor cols = rows_below(g.mk, ms).transpose(-1, -2);
-  Tensor logits = at::matmul(qz, kl_s.transpose(-1, -2));
-  logits.masked_fill_(cols.logical_not(), -std::numeric_limits<double>::infinity());
-  const Tensor zero = at::zeros({}, logits.options());
-  Tensor F = at::where(rows, logits.sub_(lse_query.unsqueeze(-1)).exp_(), zero);
-  Tensor dO = at::where(rows, grad_out.to(acc), zero);
-  Tensor dF = at::matmul(dO, zbv.transpose(-1, -2));
-  Tensor dX = F.mul(dF.sub((F * dF).sum(-1, true)));
-  return {at::matmul(dX, kl_s), at::matmul(dX.transpose(-1, -2), qz).mul_(scale),
-          at::matmul(F.transpose(-1, -2), dO)};
+  const Tensor kl_s = k_landmarks.mul(scale);
+  const Tensor has_keys = g.mk.gt(0).view({B, 1, 1, 1});
+  const Tensor cols = rows_below(g.mk, ms).transpose(-1, -2);
+  const Tensor zero = at::zeros({}, k_landmarks.options());
+  Tensor dq = at::empty(q.sizes(), k_landmarks.options());
+  Tensor dkl = at::zeros(k_landmarks.sizes(), k_landmarks.options());
+  Tensor dw = at::zeros(zbv.sizes(), zbv.options());
+  for (int64_t r0 = 0; r0 < L; r0 += kChunkRows) {
+    const int64_t n = std::min(kChunkRows, L - r0);
+    const std::optional<Tensor> mask = mask_rows(qpm, r0, n);
+    Tensor qz = real_rows(q.narrow(2, r0, n), mask, acc);
+    Tensor rows = given(mask) ? has_keys.logical_and(mask->logical_not().view({B, 1, n, 1})) : has_keys;
+    Tensor logits = at::matmul(qz, kl_s.transpose(-1, -2));
+    logits.masked_fill_(cols.logical_not(), -std::numeric_limits<double>::infinity());
+    Tensor F = at::where(rows, logits.sub_(lse_query.narrow(2, r0, n).unsqueeze(-1)).exp_(), zero);
+    Tensor dO = at::where(rows, grad_out.narrow(2, r0, n).to(acc), zero);
+    Tensor dF = at::matmul(dO, zbv.transpose(-1, -2));
+    Tensor dX = F.mul(dF.sub((F * dF).sum(-1, true)));
+    dq.narrow(2, r0, n).copy_(at::matmul(dX, kl_s));
+    dkl.add_(at::matmul(dX.transpose(-1, -2), qz));
+    dw.add_(at::matmul(F.transpose(-1, -2), dO));
+  }
+  return {dq, dkl.mul_(scale), dw};
 }
 
 /// The landmark pass, identical on every rank, from the summed dL/dk̃ and dL/dW:
@@ -340,23 +380,34 @@ inline Tensors3 key_backward(const Tensor& k, const Tensor& v, const Tensor& q_l
   const Geometry g("nystrom_sp_key_backward", geometry, m, k.device());
   const at::ScalarType acc = q_landmarks.scalar_type();
   const int64_t B = k.size(0), S = k.size(2), ms = q_landmarks.size(2);
-  Tensor kz = real_rows(k, kpm, acc), vz = real_rows(v, kpm, acc);
-  Tensor ql_s = q_landmarks.mul(scale);
-  Tensor logits = at::matmul(ql_s, kz.transpose(-1, -2));
-  Tensor valid = rows_below(g.mq, ms);
-  if (given(kpm)) valid = valid.logical_and(kpm->logical_not().view({B, 1, 1, S}));
-  const Tensor zero = at::zeros({}, logits.options());
-  Tensor Bm = at::where(valid, logits.sub_(lse_landmark.unsqueeze(-1)).exp_(), zero);
-  Tensor dBm = at::matmul(bv_grad, vz.transpose(-1, -2));
-  Tensor dX = Bm.mul(dBm.sub_((bv_grad * bv).sum(-1, true)));
-  Tensor dk = at::matmul(dX.transpose(-1, -2), ql_s).add_(segment_rows_of(k_share, kpm, S, g.k_off, g.k_tot, g.mk));
-  Tensor dv = at::matmul(Bm.transpose(-1, -2), bv_grad).add_(segment_rows_of(v_share, kpm, S, g.k_off, g.k_tot, g.mv));
-  if (given(kpm)) {
-    Tensor pad = kpm->view({B, 1, S, 1});
-    dk.masked_fill_(pad, 0);
-    dv.masked_fill_(pad, 0);
+  const Tensor ql_s = q_landmarks.mul(scale), rows = rows_below(g.mq, ms);
+  const Tensor delta = (bv_grad * bv).sum(-1, true);
+  const Tensor lse = lse_landmark.unsqueeze(-1);
+  const Tensor zero = at::zeros({}, q_landmarks.options());
+  // each key's share of dk̃ and of the exact path's dv, for every local key (O(n·d), like dk, dv themselves)
+  const Tensor k_rows = segment_rows_of(k_share, kpm, S, g.k_off, g.k_tot, g.mk);
+  const Tensor v_rows = segment_rows_of(v_share, kpm, S, g.k_off, g.k_tot, g.mv);
+  Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  Tensor dql = at::zeros(q_landmarks.sizes(), q_landmarks.options());
+  for (int64_t r0 = 0; r0 < S; r0 += kChunkRows) {
+    const int64_t n = std::min(kChunkRows, S - r0);
+    const std::optional<Tensor> mask = mask_rows(kpm, r0, n);
+    Tensor kz = real_rows(k.narrow(2, r0, n), mask, acc), vz = real_rows(v.narrow(2, r0, n), mask, acc);
+    Tensor valid = given(mask) ? rows.logical_and(mask->logical_not().view({B, 1, 1, n})) : rows;
+    Tensor Bm = at::where(valid, at::matmul(ql_s, kz.transpose(-1, -2)).sub_(lse).exp_(), zero);
+    Tensor dX = Bm.mul(at::matmul(bv_grad, vz.transpose(-1, -2)).sub_(delta));
+    Tensor dkc = at::matmul(dX.transpose(-1, -2), ql_s).add_(k_rows.narrow(2, r0, n));
+    Tensor dvc = at::matmul(Bm.transpose(-1, -2), bv_grad).add_(v_rows.narrow(2, r0, n));
+    if (given(mask)) {
+      Tensor pad = mask->view({B, 1, n, 1});
+      dkc.masked_fill_(pad, 0);
+      dvc.masked_fill_(pad, 0);
+    }
+    dk.narrow(2, r0, n).copy_(dkc);
+    dv.narrow(2, r0, n).copy_(dvc);
+    dql.add_(at::matmul(dX, kz));
   }
-  return {dk.to(k.scalar_type()), dv.to(v.scalar_type()), at::matmul(dX, kz).mul_(scale)};
+  return {dk, dv, dql.mul_(scale)};
 }
 
 /// dq = its direct part plus each query's share of dL/dq̃ (the landmark pass's

@@ -76,6 +76,9 @@ def cases(world: int) -> List[SPCase]:
                q_split=split([61, 39], [33, 34, 33]), seed=10),
         SPCase("no_iterations_scale", L=31, iterations=0, scale=0.37, q_mask="random", k_mask="random",
                q_split=split([30, 1], [1, 1, 29]), seed=11),
+        # shards longer than the stages' row chunks (csrc/stages.h: kChunkRows = 2048)
+        SPCase("long_shards_in_chunks", B=1, H=2, L=4500, S=4300, D=4, Dv=3, m=7, q_mask="random", k_mask="random",
+               q_split=split([2100, 2400], [100, 4300, 100]), k_split=split([4200, 100], [2049, 0, 2251]), seed=16),
         SPCase("float32", L=41, dtype=torch.float32, q_mask="random", k_mask="random",
                q_split=split([9, 32], [4, 30, 7]), seed=12),
         SPCase("float32_original", B=3, L=44, dtype=torch.float32, pinv_init="original", q_mask="random",
