@@ -14,7 +14,7 @@ shard of a (B, H, n, D) self-attention call, with float32 inputs. Reported per c
 
 The communication depends on B, H, D, Dv and m only: it is flat in n. Threads per rank: the cores divided by
 the world size (at least one), so on a small machine the larger worlds are oversubscribed and their times
-measure overheads, not speed-ups.
+measure overheads, not speed-ups (--threads sets them).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
 
@@ -128,6 +128,8 @@ def main() -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--landmarks", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads per rank (default: the cores divided by the world size, at least 1)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: CPU tensors and gloo; cuda: one GPU per rank and NCCL")
     p.add_argument("--out", help="also write the table to this file")
@@ -138,7 +140,9 @@ def main() -> int:
     where = (cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(0))
     lines = [f"sequence-parallel Nystrom attention, B={args.batch} H={args.heads} D=Dv={args.dim} "
              f"m={args.landmarks} float32, {'gloo on CPU' if args.device == 'cpu' else 'NCCL on CUDA'}; {where}, "
-             f"{os.cpu_count()} cores; torch {torch.__version__}",
+             f"{os.cpu_count()} cores, {args.threads or 'cores / W'} thread(s) per rank; torch {torch.__version__}",
+             f"load average at the start {os.getloadavg()[0]:.1f} (other work on the machine inflates the times; "
+             "the bytes are exact)",
              "bytes: put into collectives by one rank per call; times: median of "
              f"{args.repeats}, ms; op: the one-process op on the whole sequence",
              f"{'W':>2} {'n':>7} {'n/rank':>7} {'fwd bytes':>10} {'bwd bytes':>10} {'colls':>5} {'fwd ms':>8} "

@@ -115,7 +115,7 @@ inline Tensor inverse_sizes(const Tensor& tot, const Tensor& nseg, int64_t ms, a
 /// values, NaN included, reach nothing).
 inline Tensor real_rows(const Tensor& x, const std::optional<Tensor>& mask, at::ScalarType acc) {
   Tensor y = x.to(acc);
-  if (given(mask)) y = y.masked_fill(mask->view({mask->size(0), 1, mask->size(1), 1}), 0);
+  if (given(mask)) y = y.masked_fill(mask->reshape({mask->size(0), 1, mask->size(1), 1}), 0);
   return y;
 }
 
@@ -399,7 +399,7 @@ inline Tensors3 key_backward(const Tensor& k, const Tensor& v, const Tensor& q_l
     Tensor dkc = at::matmul(dX.transpose(-1, -2), ql_s).add_(k_rows.narrow(2, r0, n));
     Tensor dvc = at::matmul(Bm.transpose(-1, -2), bv_grad).add_(v_rows.narrow(2, r0, n));
     if (given(mask)) {
-      Tensor pad = mask->view({B, 1, n, 1});
+      Tensor pad = mask->reshape({B, 1, n, 1});
       dkc.masked_fill_(pad, 0);
       dvc.masked_fill_(pad, 0);
     }
@@ -421,7 +421,7 @@ inline Tensor query_spread(const Tensor& grad_query, const Tensor& q_landmark_gr
   Tensor dql = q_landmark_grad_keys.add(q_landmark_grad_kernel)
                    .mul_(inverse_sizes(g.q_tot, g.mq, ms, q_landmark_grad_keys.scalar_type()));
   Tensor dq = grad_query.add(segment_rows_of(dql, qpm, L, g.q_off, g.q_tot, g.mq));
-  if (given(qpm)) dq.masked_fill_(qpm->view({B, 1, L, 1}), 0);
+  if (given(qpm)) dq.masked_fill_(qpm->reshape({B, 1, L, 1}), 0);
   return dq.to(dtype);
 }
 

@@ -231,6 +231,9 @@ def nystrom_attention(
                            "init_process_group first, or use torch_nystrom.nystrom_attention in one process)")
     if group is None:
         group = dist.group.WORLD
+    # the stage ops view the masks as (B, 1, n, 1)
+    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    query_padding_mask = None if query_padding_mask is None else query_padding_mask.contiguous()
     geometry, rows, exact = _geometry(query, key, key_padding_mask, query_padding_mask, num_landmarks, group)
     return _SequenceParallelNystrom.apply(query, key, value, key_padding_mask, query_padding_mask, geometry, rows,
                                           exact, num_landmarks, pinv_iterations, pinv_init, scale, group)
