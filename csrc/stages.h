@@ -30,6 +30,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace nystrom::stages {
 
@@ -61,6 +62,7 @@ struct Geometry {
   Tensor mq;              // query landmarks: min(m, L_b) on the Nyström path, else 0
   Tensor mk;              // key rows: min(m, S_b) (Nyström), S_b (exact: single tokens), else 0
   Tensor mv;              // value rows: S_b on the exact path, else 0
+  bool maybe_exact = true;  // false: no element takes the exact path (known when geometry is on the host)
   Geometry(const char* op, const Tensor& geometry, int64_t m, const at::Device& device) {
     TORCH_CHECK(geometry.dim() == 2 && geometry.size(1) == 4 && geometry.scalar_type() == at::kLong, op,
                 ": geometry must be an int64 tensor of shape (B, 4) [q_offset, q_total, k_offset, k_total], got ",
@@ -77,6 +79,7 @@ struct Geometry {
     mq = at::where(nystrom, q_tot.clamp_max(m), zero);
     mk = at::where(nystrom, k_tot.clamp_max(m), at::where(exact, k_tot, zero));
     mv = at::where(exact, k_tot, zero);
+    if (geometry.is_cpu()) maybe_exact = exact.any().to(at::kCPU).item<bool>();
   }
 };
 
@@ -125,8 +128,10 @@ inline Tensor segment_sums_of(const Tensor& x, const std::optional<Tensor>& mask
   const int64_t B = x.size(0), H = x.size(1), n = x.size(2), d = x.size(3);
   Tensor out = at::zeros({B, H, ms + 1, d}, x.options().dtype(acc));
   if (n > 0 && B > 0) {
-    Tensor idx = segment_index(mask, B, n, off, tot, nseg, ms).view({B, 1, n, 1}).expand({B, H, n, d});
-    out.scatter_add_(2, idx, real_rows(x, mask, acc));
+    // per element, whole rows at a time (a scatter-add with an index expanded to every entry took 4x longer)
+    const Tensor idx = segment_index(mask, B, n, off, tot, nseg, ms);
+    const Tensor xr = real_rows(x, mask, acc);
+    for (int64_t b = 0; b < B; ++b) out[b].index_add_(1, idx[b], xr[b]);
   }
   return out.narrow(2, 0, ms).contiguous();
 }
@@ -138,8 +143,12 @@ inline Tensor segment_rows_of(const Tensor& src, const std::optional<Tensor>& ma
   const int64_t B = src.size(0), H = src.size(1), ms = src.size(2), d = src.size(3);
   if (n == 0 || B == 0) return at::zeros({B, H, n, d}, src.options());
   Tensor padded = at::cat({src, at::zeros({B, H, 1, d}, src.options())}, 2);
-  Tensor idx = segment_index(mask, B, n, off, tot, nseg, ms).view({B, 1, n, 1}).expand({B, H, n, d});
-  return padded.gather(2, idx);
+  const Tensor idx = segment_index(mask, B, n, off, tot, nseg, ms);
+  // per element, whole rows at a time (a gather with an index expanded to every entry took 6x longer)
+  std::vector<Tensor> rows;
+  rows.reserve(B);
+  for (int64_t b = 0; b < B; ++b) rows.push_back(padded[b].index_select(1, idx[b]));
+  return at::stack(rows);
 }
 
 /// Softmax along the last axis of logits over the columns where col_valid,
@@ -201,7 +210,8 @@ inline Tensors3 segment_sums(const Tensor& q, const Tensor& k, const Tensor& v, 
   const at::ScalarType acc = acc_of(q);
   return {segment_sums_of(q, qpm, g.q_off, g.q_tot, g.mq, ms, acc),
           segment_sums_of(k, kpm, g.k_off, g.k_tot, g.mk, ms, acc),
-          segment_sums_of(v, kpm, g.k_off, g.k_tot, g.mv, ms, acc)};
+          g.maybe_exact ? segment_sums_of(v, kpm, g.k_off, g.k_tot, g.mv, ms, acc)
+                        : at::zeros({q.size(0), q.size(1), ms, v.size(3)}, q.options().dtype(acc))};
 }
 
 /// The partials of landmark_values rescaled to the global maximum (an
@@ -386,7 +396,7 @@ inline Tensors3 key_backward(const Tensor& k, const Tensor& v, const Tensor& q_l
   const Tensor zero = at::zeros({}, q_landmarks.options());
   // each key's share of dk̃ and of the exact path's dv, for every local key (O(n·d), like dk, dv themselves)
   const Tensor k_rows = segment_rows_of(k_share, kpm, S, g.k_off, g.k_tot, g.mk);
-  const Tensor v_rows = segment_rows_of(v_share, kpm, S, g.k_off, g.k_tot, g.mv);
+  const Tensor v_rows = g.maybe_exact ? segment_rows_of(v_share, kpm, S, g.k_off, g.k_tot, g.mv) : Tensor();
   Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
   Tensor dql = at::zeros(q_landmarks.sizes(), q_landmarks.options());
   for (int64_t r0 = 0; r0 < S; r0 += kChunkRows) {
@@ -397,7 +407,8 @@ inline Tensors3 key_backward(const Tensor& k, const Tensor& v, const Tensor& q_l
     Tensor Bm = at::where(valid, at::matmul(ql_s, kz.transpose(-1, -2)).sub_(lse).exp_(), zero);
     Tensor dX = Bm.mul(at::matmul(bv_grad, vz.transpose(-1, -2)).sub_(delta));
     Tensor dkc = at::matmul(dX.transpose(-1, -2), ql_s).add_(k_rows.narrow(2, r0, n));
-    Tensor dvc = at::matmul(Bm.transpose(-1, -2), bv_grad).add_(v_rows.narrow(2, r0, n));
+    Tensor dvc = at::matmul(Bm.transpose(-1, -2), bv_grad);
+    if (v_rows.defined()) dvc.add_(v_rows.narrow(2, r0, n));
     if (given(mask)) {
       Tensor pad = mask->reshape({B, 1, n, 1});
       dkc.masked_fill_(pad, 0);
