@@ -11,8 +11,9 @@ namespace kern {
 // ------------------------------------------------------ landmark pooling ----
 // One block per (landmark j, head): the mean of the segment's real rows.
 // Warps stride over rows, lanes over columns; the eight partial sums are
-// added in warp order. The row loop is unrolled by 4 so that a warp has four
-// rows' loads in flight (the sums keep their order: the same bits).
+// added in warp order. The row loop is unrolled by 2 so that a warp has two
+// rows' loads in flight (the sums keep their order: the same bits; by 4,
+// ptxas spills 16 bytes on sm_80).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pool_kernel(Problem p, int bh0, Side side, Only only, RowsView x, int d,
                                                         typename Acc<T>::type* out) {
@@ -29,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) pool_kernel(Problem p, int bh0, Side
   A acc[kMaxHeadDim / 32];
 #pragma unroll
   for (int t = 0; t < kMaxHeadDim / 32; ++t) acc[t] = A(0);
-#pragma unroll 4
+#pragma unroll 2
   for (int64_t r = r0 + warp; r < r1; r += kWarps) {
     const T* row = row_ptr<T>(x, b, h, static_cast<int>(r));
 #pragma unroll

@@ -159,6 +159,7 @@ __device__ __forceinline__ void tc_product(const T* sP, const T* sV, float* sO, 
 // walks `tiles_per_block` tiles of 64 queries.
 template <typename T, int D, int DV>
 __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs a, int tiles_per_block) {
+  static_assert((kTcRows * D / 8) % 32 == 0 && (kTcRows * DV / 8) % 32 == 0, "whole 16-byte chunks per lane");
   const Problem& p = a.p;
   const int bh = a.bh0 + blockIdx.z, b = bh / p.H, h = bh % p.H;
   const Elem e = element(p, b);
@@ -197,7 +198,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
     const int x0 = first + tile * BR + warp * kTcRows;  // this warp's first row
     if (x0 >= nx) break;                                // warp-uniform
 #pragma unroll
-    for (int i = lane; i < kTcRows * D / 8; i += 32) {  // 16-byte chunks
+    for (int it = 0; it < kTcRows * D / 8 / 32; ++it) {  // 16-byte chunks, 8 per lane at D = 128
+      const int i = lane + 32 * it;
       const int rr = i / (D / 8), c8 = (i % (D / 8)) * 8;
       if (x0 + rr < nx) {
         copy8(sQ + rr * D + c8, row_ptr<T>(a.x, b, h, x0 + rr) + c8);
@@ -233,7 +235,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
     tc_product<T, DV>(sP, sW, sO, /*accumulate=*/false);
     __syncwarp();
 #pragma unroll
-    for (int i = lane; i < kTcRows * DV / 8; i += 32) {  // 16-byte chunks
+    for (int it = 0; it < kTcRows * DV / 8 / 32; ++it) {  // 16-byte chunks
+      const int i = lane + 32 * it;
       const int rr = i / (DV / 8), c8 = (i % (DV / 8)) * 8;
       if (x0 + rr >= nx) continue;
       const int64_t pos = position(a.out.index, a.out.npad, b, x0 + rr);
@@ -249,6 +252,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
 // an online softmax per row (rescaling the float32 running product in smem).
 template <typename T, int D, int DV>
 __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardArgs a) {
+  static_assert((kTcSlots * D / 8) % (kTcWarps * 32) == 0 && (kTcSlots * DV / 8) % (kTcWarps * 32) == 0,
+                "whole 16-byte chunks per thread");
   const Problem& p = a.p;
   const int bh = a.bh0 + blockIdx.z, b = bh / p.H, h = bh % p.H;
   const Elem e = element(p, b);
@@ -282,8 +287,11 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
 
   for (int c0 = y0; c0 < y1; c0 += kTcSlots) {
     __syncthreads();  // the previous chunk is consumed (and sQ is loaded)
+    // 16-byte chunks, a trip count known at compile time (8 at D = 128): all
+    // of a thread's loads of the chunk are issued before the first is used
 #pragma unroll
-    for (int i = tid; i < kTcSlots * D / 8; i += kTcWarps * 32) {  // 16-byte chunks
+    for (int it = 0; it < kTcSlots * D / 8 / (kTcWarps * 32); ++it) {
+      const int i = tid + it * kTcWarps * 32;
       const int rr = i / (D / 8), c8 = (i % (D / 8)) * 8;
       if (c0 + rr < y1) {
         copy8(sK + rr * D + c8, row_ptr<T>(a.y, b, h, c0 + rr) + c8);
@@ -292,7 +300,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
       }
     }
 #pragma unroll
-    for (int i = tid; i < kTcSlots * DV / 8; i += kTcWarps * 32) {
+    for (int it = 0; it < kTcSlots * DV / 8 / (kTcWarps * 32); ++it) {
+      const int i = tid + it * kTcWarps * 32;
       const int rr = i / (DV / 8), c8 = (i % (DV / 8)) * 8;
       if (c0 + rr < y1) {
         copy8(sV + rr * DV + c8, row_ptr<T>(a.v, b, h, c0 + rr) + c8);

@@ -173,6 +173,7 @@ def test_fused_mm_backward_matches_the_aten_path(case_id, dtype, cuda_device, mo
     """The fused m x m backward and the batched ATen chain compute the same derivative (the same products in
     another summation order): their gradients agree to a few float32 (float64) rounding units of the largest
     entry, and both are within the suite's tolerance of the float64 reference."""
+    monkeypatch.delenv("NYSTROM_CUDA_FUSED_MM", raising=False)  # the fused kernel even in a run with it off
     (q, k, v, kw, g), fused = _fwd_bwd(case_id, dtype, cuda_device)
     monkeypatch.setenv("NYSTROM_CUDA_FUSED_MM", "0")
     _, aten = _fwd_bwd(case_id, dtype, cuda_device)
@@ -232,6 +233,7 @@ def test_one_backward_makes_a_handful_of_launches(original, cuda_device, monkeyp
     more launches at six iterations). Measured on the emulated device (Xeon): 42 / 291 per-head init, 43 / 298
     with "original"."""
     case_id = "original_init_mixed" if original else "d64_m64_cross"
+    monkeypatch.delenv("NYSTROM_CUDA_FUSED_MM", raising=False)  # the fused kernel even in a run with it off
     fused = _launches_of_one_backward(case_id, torch.float32, cuda_device)
     monkeypatch.setenv("NYSTROM_CUDA_FUSED_MM", "0")
     aten = _launches_of_one_backward(case_id, torch.float32, cuda_device)
