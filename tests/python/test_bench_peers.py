@@ -46,15 +46,15 @@ def test_sdpa_composition_in_half_precision_is_close():
 
 
 def test_bandwidth_floors_are_those_of_issue_13():
-    """bench.py's floors: forward 8·n·d bytes per head, forward+backward 22·n·d, in half precision (D = Dv);
+    """bench_gpu.py's floors: forward 8·n·d bytes per head, forward+backward 22·n·d, in half precision (D = Dv);
     the variant table prints them as multiples."""
-    import bench
+    import bench_gpu
 
     q, k, v = make_qkv(2, 3, 100, 100, 16, dtype=torch.bfloat16, seed=1)
-    fwd, fb = bench.floors(q, k, v, bandwidth=1.0)
+    fwd, fb = bench_gpu.floors(q, k, v, bandwidth=1.0)
     assert fwd == 2 * 3 * 8 * 100 * 16 and fb == 2 * 3 * 22 * 100 * 16
     rec = dict(impl="torch_nystrom", variant="fast", dtype="bfloat16", n=100, fwd_ms=2.0, fwd_bwd_ms=5.0,
                fwd_floor_x=1.5, fb_floor_x=2.5, bandwidth_gbs=4000.0)
     peer = dict(rec, impl="exact_sdpa", fwd_ms=3.0, fwd_bwd_ms=15.0)
-    table = bench.variant_table([rec, peer]).splitlines()
+    table = bench_gpu.variant_table([rec, peer]).splitlines()
     assert table[1].split() == ["fast", "bfloat16", "100", "2.000", "1.50", "5.000", "2.50", "1.50", "3.00", "-", "-"]
