@@ -41,7 +41,6 @@ import csv
 import importlib.util
 import math
 import os
-import platform
 import sys
 import time
 
@@ -85,14 +84,10 @@ def exact_rows(q, k, v, rows):
 
 
 def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The CPU's model name, as `python -m torch_nystrom.info` reports it (imported on use: --replot of a run
+    that recorded its machine needs no library)."""
+    from torch_nystrom.info import cpu_name as name
+    return name()
 
 
 # Defaults per device: the CPU sweep as it always was; the GPU sweep at a transformer-layer size.

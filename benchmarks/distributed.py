@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -29,17 +28,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _median_time(fn, repeats: int, sync) -> float:
@@ -137,6 +125,7 @@ def main() -> int:
     if args.device == "cuda" and max(args.world) > torch.cuda.device_count():
         p.error(f"--device cuda needs a GPU per rank: {max(args.world)} ranks, "
                 f"{torch.cuda.device_count()} GPUs")
+    from torch_nystrom.info import cpu_name
     where = (cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(0))
     lines = [f"sequence-parallel Nystrom attention, B={args.batch} H={args.heads} D=Dv={args.dim} "
              f"m={args.landmarks} float32, {'gloo on CPU' if args.device == 'cpu' else 'NCCL on CUDA'}; {where}, "

@@ -24,7 +24,8 @@ import torch
 import torch_nystrom
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for reports and benchmark headers."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -60,7 +61,7 @@ def collect() -> Dict[str, Any]:
         "gpus": cuda_runtime,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "NYSTROM_CPU_SIMD": os.environ.get("NYSTROM_CPU_SIMD"),
         "NYSTROM_LIBRARY": os.environ.get("NYSTROM_LIBRARY"),
