@@ -35,25 +35,6 @@ def _segment_means(x, m):
     return torch.stack([x[..., bounds[j]:bounds[j + 1], :].mean(-2) for j in range(m)], -2)
 
 
-def composition(q, k, v, m, pinv_init="per_head", iters=6):
-    n, d = q.shape[-2], q.shape[-1]
-    if n <= m and k.shape[-2] <= m:
-        return F.scaled_dot_product_attention(q, k, v)
-    scale = d ** -0.5
-    ql, kl = _segment_means(q, min(m, n)), _segment_means(k, min(m, k.shape[-2]))
-    f = torch.softmax(scale * q @ kl.transpose(-1, -2), -1)
-    a = torch.softmax(scale * ql @ kl.transpose(-1, -2), -1)
-    bm = torch.softmax(scale * ql @ k.transpose(-1, -2), -1)
-    colsum = a.sum(-2)
-    c = colsum.max() if pinv_init == "original" else colsum.amax(-1)[..., None, None]
-    z = a.transpose(-1, -2) / c
-    eye = torch.eye(a.shape[-2], dtype=a.dtype, device=a.device)
-    for _ in range(iters):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return f @ (z @ (bm @ v))
-
-
 def newton_schulz(a, iters=6, pinv_init="per_head"):
     """Z ≈ A⁺ (docs/DESIGN.md §2 step 4): Z₀ = Aᵀ/c, then Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ)))."""
     colsum = a.sum(-2)
@@ -64,6 +45,19 @@ def newton_schulz(a, iters=6, pinv_init="per_head"):
         az = a @ z
         z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
     return z
+
+
+def composition(q, k, v, m, pinv_init="per_head", iters=6):
+    n, d = q.shape[-2], q.shape[-1]
+    if n <= m and k.shape[-2] <= m:
+        return F.scaled_dot_product_attention(q, k, v)
+    scale = d ** -0.5
+    ql, kl = _segment_means(q, min(m, n)), _segment_means(k, min(m, k.shape[-2]))
+    f = torch.softmax(scale * q @ kl.transpose(-1, -2), -1)
+    a = torch.softmax(scale * ql @ kl.transpose(-1, -2), -1)
+    bm = torch.softmax(scale * ql @ k.transpose(-1, -2), -1)
+    z = newton_schulz(a, iters, pinv_init)
+    return f @ (z @ (bm @ v))
 
 
 def sdpa_composition(q, k, v, m, pinv_init="per_head", iters=6):
