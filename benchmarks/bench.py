@@ -60,8 +60,9 @@ LABEL = {"ours": "torch_nystrom", "composition": "composition", "lucidrains": "l
 # (docs/DESIGN.md §7), each run in a process of its own (the tensor-core switch is read once per process):
 # name -> (environment, dtype override or None).
 VARIANTS = {
-    "fast": ({}, None),                                        # tensor-core forward, fused m x m kernels
+    "fast": ({}, None),                                        # tensor-core forward and backward, fused m x m
     "no_tc": ({"NYSTROM_CUDA_TENSOR_CORES": "0"}, None),       # generic forward kernels, fused m x m
+    "no_tc_bwd": ({"NYSTROM_CUDA_TC_BACKWARD": "0"}, None),    # tensor-core forward, float32 CUDA-core backward
     "aten_mm": ({"NYSTROM_CUDA_FUSED_MM": "0"}, None),         # tensor-core forward, m x m on ATen/cuBLAS
     "generic": ({"NYSTROM_CUDA_TENSOR_CORES": "0", "NYSTROM_CUDA_FUSED_MM": "0"}, None),
     "fp32": ({}, "float32"),                                   # float32: generic kernels, fused m x m

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "backward_kernels.cuh"
+#include "backward_tc_kernels.cuh"
 #include "forward_kernels.cuh"
 #include "forward_tc_kernels.cuh"
 #include "mm_backward_kernel.cuh"
@@ -270,13 +271,40 @@ cudaError_t mm_backward_t(const MmBackwardArgs& args, cudaStream_t stream) {
 }
 
 template <typename Kernel>
-cudaError_t backward_launch(Kernel kernel, const BackwardArgs& args, size_t smem, cudaStream_t stream) {
+cudaError_t backward_launch(Kernel kernel, const BackwardArgs& args, size_t smem, cudaStream_t stream,
+                            int threads = kThreads) {
   const cudaError_t err = set_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
     BackwardArgs a = args;
     a.bh0 = bh0;
-    NYSTROM_LAUNCH(kernel, dim3(args.groups, n), kThreads, smem, stream)(a);
+    NYSTROM_LAUNCH(kernel, dim3(args.groups, n), threads, smem, stream)(a);
+  });
+}
+
+// Whether the tensor-core backward kernel of one side serves the problem: the
+// forward's shapes (tc_shape_supported), both switches on, and its shared
+// memory on this device (query side at D = Dv = 128: 176 KiB, more than
+// sm_80's 163 KiB; backward_tc_kernels.cuh).
+template <typename T, bool kKeySide>
+bool tc_backward_usable(const Problem& p) {
+  if (!p.tensor_cores || !p.tc_backward || !tc_shape_supported(p.D, p.Dv, p.ms)) return false;
+  const size_t need = kKeySide ? tc_backward_key_smem<T>(p.D, p.Dv) : tc_backward_query_smem<T>(p.D, p.Dv);
+  return need <= p.smem_optin;
+}
+
+// The tensor-core backward kernels, for the (D, Dv) pairs they are built for.
+template <typename T, bool kKeySide>
+cudaError_t tc_backward(const BackwardArgs& a, cudaStream_t stream) {
+  return with_tc_head_dims(a.p.D, a.p.Dv, [&](auto d, auto dv) {
+    constexpr int DD = decltype(d)::value, VV = decltype(dv)::value;
+    if constexpr (kKeySide) {
+      return backward_launch(tc_backward_key_kernel<T, DD, VV>, a, tc_backward_key_smem<T>(DD, VV), stream,
+                             kTcWarps * 32);
+    } else {
+      return backward_launch(tc_backward_query_kernel<T, DD, VV>, a, tc_backward_query_smem<T>(DD, VV), stream,
+                             kTcWarps * 32);
+    }
   });
 }
 
@@ -296,6 +324,9 @@ cudaError_t backward_query_t(const Problem& p, RowsView q, RowsView dout, const 
   a.out1 = dq;
   a.part1 = part_dkl;
   a.part2 = part_dw;
+  if constexpr (is_half<T>()) {
+    if (tc_backward_usable<T, false>(p)) return tc_backward<T, false>(a, stream);
+  }
   constexpr int R = rpw<T>();
   const size_t smem = backward_smem_t<T>(p.D, p.Dv);
   return with_lane_columns(p.D, p.Dv, [&](auto nj) {
@@ -320,6 +351,9 @@ cudaError_t backward_key_t(const Problem& p, RowsView k, RowsView v, const void*
   a.out1 = dk;
   a.out2 = dv;
   a.part1 = part_dql;
+  if constexpr (is_half<T>()) {
+    if (tc_backward_usable<T, true>(p)) return tc_backward<T, true>(a, stream);
+  }
   constexpr int R = rpw<T>();
   const size_t smem = backward_smem_t<T>(p.D, p.Dv);
   return with_lane_columns(p.D, p.Dv, [&](auto nj) {

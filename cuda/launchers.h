@@ -52,6 +52,7 @@ struct Problem {
   const int* q_count = nullptr;  // (B) real queries, or null: all L
   const int* k_count = nullptr;  // (B) real keys, or null: all S
   bool tensor_cores = true;      // float16/bfloat16: tensor-core forward where the shape allows
+  bool tc_backward = true;       // and the tensor-core backward (with tensor_cores; NYSTROM_CUDA_TC_BACKWARD)
   // The device, as the glue read it from its properties (the launchers make
   // no device query of their own, so no error state is left behind):
   int sm_count = 132;            // multiprocessors: grids are sized to fill them

@@ -61,8 +61,8 @@ inline gpu::MutRowsView mut_view_of(const Tensor& t, const Tensor& index) {
   return gpu::MutRowsView{t.data_ptr(), r.sb, r.sh, r.sr, r.index, r.npad};
 }
 
-// NYSTROM_CUDA_TENSOR_CORES=0 turns the tensor-core forward kernels of
-// float16/bfloat16 off (every call then takes the generic kernels): a way to
+// NYSTROM_CUDA_TENSOR_CORES=0 turns the tensor-core kernels of float16/bfloat16
+// off, forward and backward (every call then takes the generic kernels): a way to
 // tell a tensor-core problem from any other when checking a new GPU.
 inline bool tensor_cores_enabled() {
   static const bool enabled = [] {
@@ -70,6 +70,14 @@ inline bool tensor_cores_enabled() {
     return env == nullptr || std::string(env) != "0";
   }();
   return enabled;
+}
+
+// NYSTROM_CUDA_TC_BACKWARD=0 turns the tensor-core backward kernels off (the
+// float32 CUDA-core backward kernels then serve float16/bfloat16 too), the
+// forward keeping its tensor cores; read at every call, for A/B comparisons.
+inline bool tc_backward_enabled() {
+  const char* env = std::getenv("NYSTROM_CUDA_TC_BACKWARD");
+  return env == nullptr || std::string(env) != "0";
 }
 
 // NYSTROM_CUDA_FUSED_MM=0 turns the fused m x m kernels off (the forward's
@@ -122,6 +130,7 @@ inline Layout make_layout(const char* op, const Tensor& q, const Tensor& k, cons
   p.ms = to_int(detail::saved_landmarks(o.num_landmarks, L, S).expect_int(), op, "landmark rows");
   p.scale = o.scale;
   p.tensor_cores = tensor_cores_enabled();
+  p.tc_backward = tc_backward_enabled();
   const DeviceInfo dev = device_info();
   p.sm_count = dev.sm_count;
   p.smem_optin = dev.smem_optin;

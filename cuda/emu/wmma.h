@@ -1,5 +1,5 @@
-// nvcuda::wmma for the CUDA emulation: 16x16x16 fragments, matrix_a
-// row_major, matrix_b row_major or col_major (__half or __nv_bfloat16), float
+// nvcuda::wmma for the CUDA emulation: 16x16x16 fragments, matrix_a and
+// matrix_b row_major or col_major (__half or __nv_bfloat16), float
 // accumulators; fill_fragment, load_matrix_sync, mma_sync, store_matrix_sync.
 //
 // A fragment is a 16x16 tile of which, as on a GPU, each lane holds a share:

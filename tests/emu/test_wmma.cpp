@@ -1,5 +1,5 @@
 // nvcuda::wmma in the emulator: 16x16x16 products of __half and
-// __nv_bfloat16 tiles (b row_major and col_major, accumulation onto a loaded
+// __nv_bfloat16 tiles (a and b row_major and col_major, accumulation onto a loaded
 // C, row- and column-major stores) against a float64 loop over the same
 // rounded inputs, and the warp-collective errors.
 #include "emu_test.h"
@@ -11,9 +11,9 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-// D = C + A·B over K = 16·kt: A (16 x K) row-major, B (K x 16) in layout LB,
-// C and D (16 x 16 float) in the memory layout `rowmajor` says.
-template <typename T, typename LB>
+// D = C + A·B over K = 16·kt: A (16 x K) in layout LA, B (K x 16) in layout
+// LB, C and D (16 x 16 float) in the memory layout `rowmajor` says.
+template <typename T, typename LB, typename LA = wmma::row_major>
 __global__ void tile_product(const T* a, const T* b, const float* c, float* d, int kt, bool rowmajor) {
   const wmma::layout_t mem = rowmajor ? wmma::mem_row_major : wmma::mem_col_major;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -24,9 +24,14 @@ __global__ void tile_product(const T* a, const T* b, const float* c, float* d, i
   }
   const int K = 16 * kt;
   for (int t = 0; t < kt; ++t) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
-    wmma::load_matrix_sync(fa, a + 16 * t, K);
+    // row_major A is 16 x K (ld K); col_major A is stored as its transpose, K x 16 (ld 16).
+    if (std::is_same<LA, wmma::row_major>::value) {
+      wmma::load_matrix_sync(fa, a + 16 * t, K);
+    } else {
+      wmma::load_matrix_sync(fa, a + 16 * 16 * t, 16);
+    }
     // row_major B is K x 16 (ld 16); col_major B is stored as its transpose, 16 x K (ld K).
     if (std::is_same<LB, wmma::row_major>::value) {
       wmma::load_matrix_sync(fb, b + 16 * 16 * t, 16);
@@ -72,7 +77,7 @@ struct Aligned {
   T* p;
 };
 
-template <typename T, typename LB>
+template <typename T, typename LB, typename LA = wmma::row_major>
 void check_product(bool with_c, bool rowmajor) {
   const int kt = 3, K = 16 * kt;
   std::mt19937 gen(5);
@@ -83,11 +88,12 @@ void check_product(bool with_c, bool rowmajor) {
   for (int i = 0; i < 16 * K; ++i) b[static_cast<std::size_t>(i)] = narrow<T>(u(gen));
   for (std::size_t i = 0; i < 256; ++i) c[i] = u(gen);
   const bool col_b = std::is_same<LB, wmma::col_major>::value;
+  const bool col_a = std::is_same<LA, wmma::col_major>::value;
   for (const emu::Schedule& s : emu::standard_schedules()) {
     emu::set_schedule(s);
     Aligned<float> d(256);
     emu::poison(d.data(), 256 * sizeof(float));
-    NYSTROM_LAUNCH((tile_product<T, LB>), 1, 32, 0, nullptr)(a.data(), b.data(), with_c ? c.data() : nullptr,
+    NYSTROM_LAUNCH((tile_product<T, LB, LA>), 1, 32, 0, nullptr)(a.data(), b.data(), with_c ? c.data() : nullptr,
                                                             d.data(), kt, rowmajor);
     ASSERT_EQ(cudaGetLastError(), cudaSuccess) << emu::last_error_detail();
     for (int i = 0; i < 16; ++i)
@@ -96,7 +102,8 @@ void check_product(bool with_c, bool rowmajor) {
         double ref = with_c ? c[static_cast<std::size_t>(cij)] : 0.0;
         for (int k = 0; k < K; ++k) {
           const T bk = col_b ? b[static_cast<std::size_t>(j * K + k)] : b[static_cast<std::size_t>(k * 16 + j)];
-          ref += static_cast<double>(widen(a[static_cast<std::size_t>(i * K + k)])) * widen(bk);
+          const T ak = col_a ? a[static_cast<std::size_t>(k * 16 + i)] : a[static_cast<std::size_t>(i * K + k)];
+          ref += static_cast<double>(widen(ak)) * widen(bk);
         }
         EXPECT_NEAR(d[static_cast<std::size_t>(cij)], ref, 1e-4 * (1.0 + std::abs(ref))) << s.str() << " " << i << "," << j;
       }
@@ -107,6 +114,9 @@ TEST_F(Emu, WmmaHalfRowMajorB) { check_product<__half, wmma::row_major>(false, t
 TEST_F(Emu, WmmaHalfColMajorB) { check_product<__half, wmma::col_major>(true, true); }
 TEST_F(Emu, WmmaBf16RowMajorB) { check_product<__nv_bfloat16, wmma::row_major>(true, false); }
 TEST_F(Emu, WmmaBf16ColMajorB) { check_product<__nv_bfloat16, wmma::col_major>(false, false); }
+// col_major A (the transpose of a stored tile: the backward's dSᵀ·X, backward_tc_kernels.cuh)
+TEST_F(Emu, WmmaHalfColMajorA) { check_product<__half, wmma::row_major, wmma::col_major>(true, true); }
+TEST_F(Emu, WmmaBf16ColMajorAB) { check_product<__nv_bfloat16, wmma::col_major, wmma::col_major>(false, true); }
 
 // Exact in any summation order: products of ones.
 TEST_F(Emu, WmmaOnesGiveExactSums) {

@@ -117,9 +117,10 @@ def test_nan_inputs_propagate_as_on_the_cpu(where, cuda_device):
 @pytest.mark.parametrize("case_id", ["tc_d64_m64", "tc_d128_m17_cross"])
 def test_tensor_core_forward_and_backward_differ_by_rounding_only(case_id, dtype, cuda_device):
     """On the tensor-core path the forward rounds k̃, q̃, W and the probabilities to the input dtype (docs/DESIGN.md
-    §3, §5); the backward is the exact derivative of the float32 function of the same half inputs. Both stay
-    within two units of the half dtype's rounding of that float32 function (relative to the largest entry; the
-    emulated backend measures at most 0.8 eps, the CPU 0.4, on these cases)."""
+    §3, §5); the tensor-core backward rounds the same landmark operands and F, dS (§7; test_cuda_tc_backward.py
+    has the bound and odd shapes). Both stay within two units of the half dtype's rounding of the float32 function
+    of the same half inputs and its exact derivative (relative to the largest entry; the emulated backend measures
+    at most ~1 eps, the CPU 0.4, on these cases)."""
     q, k, v, kw = CASE[case_id].build(dtype, cuda_device, requires_grad=True)
     out = nystrom_attention(q, k, v, **kw)
     g = cotangent(out.shape, dtype, cuda_device)

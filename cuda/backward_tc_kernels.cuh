@@ -1,0 +1,282 @@
+// Tensor-core backward kernels for float16 / bfloat16 inputs (WMMA, sm_80+):
+// the query side and the key side of the long products (docs/DESIGN.md §7)
+// where the tensor-core forward serves the shape (D, Dv in {64, 128}, every
+// element with at most 64 landmarks). Same contracts as backward_query_kernel
+// and backward_key_kernel (backward_kernels.cuh), which serve every other
+// case and NYSTROM_CUDA_TC_BACKWARD=0.
+//
+// Each warp owns 16 owner rows, the block 64; the landmark side (at most 64
+// rows) is staged once per block. Every product runs on the tensor cores with
+// float32 accumulation: logits S = X·Yᵀ and dF = G·Vᵀ (16 x 64), the owner-row
+// gradient dS·Y (16 x D), and the landmark-side partials dSᵀ·X over the
+// block's 64 rows (64 x D), accumulated in float32 in shared memory across the
+// block's tiles and written once to the block's own slice (no atomics). The
+// softmax statistics (saved lse, delta) and P, dS are computed in float32;
+// what is rounded to the input dtype T: the float32 landmark operands (k̃, W
+// on the query side, q̃, dbv on the key side) once per block, as the forward
+// does, and P and dS as left operands of the products (as the forward rounds
+// P). The bound this gives, and its test: docs/DESIGN.md §7.
+#pragma once
+
+#include "backward_kernels.cuh"
+#include "forward_tc_kernels.cuh"
+
+namespace nystrom::cuda {
+namespace kern {
+
+// Per-warp shared memory of both backward kernels, in bytes: the owner rows
+// (16 x D and 16 x DV of T), two float 16 x 64 logit tiles (reused as the
+// 16 x D float product, D <= 128), and P, dS in T.
+template <typename T>
+constexpr size_t tc_backward_warp_smem(int D, int DV) {
+  return sizeof(T) * kTcRows * (D + DV) + 2 * sizeof(float) * kTcRows * kTcSlots + 2 * sizeof(T) * kTcRows * kTcSlots;
+}
+// Block: the landmark rows in T (64 x (D + DV)), the float partials, the warps.
+template <typename T>
+constexpr size_t tc_backward_query_smem(int D, int DV) {
+  return sizeof(T) * kTcSlots * (D + DV) + sizeof(float) * kTcSlots * (D + DV) + kTcWarps * tc_backward_warp_smem<T>(D, DV);
+}
+template <typename T>
+constexpr size_t tc_backward_key_smem(int D, int DV) {
+  return sizeof(T) * kTcSlots * (D + DV) + sizeof(float) * kTcSlots * D + 2 * sizeof(float) * kTcSlots +
+         kTcWarps * tc_backward_warp_smem<T>(D, DV);
+}
+
+// 64 float landmark rows of width W (rows >= n zero) to T in shared memory.
+template <typename T, int W>
+__device__ __forceinline__ void tc_stage_landmarks(T* dst, const float* src, int n) {
+  for (int i = threadIdx.x; i < kTcSlots * W; i += kTcWarps * 32) {
+    const int r = i / W;
+    dst[i] = from_acc<T>(r < n ? src[static_cast<int64_t>(r) * W + i % W] : 0.0f);
+  }
+}
+
+// A warp's 16 owner rows of width W (rows >= n zero), 16 bytes at a time.
+template <typename T, int W>
+__device__ __forceinline__ void tc_stage_rows(T* dst, const RowsView& x, int b, int h, int x0, int n) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int it = 0; it < kTcRows * W / 8 / 32; ++it) {
+    const int i = lane + 32 * it;
+    const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
+    if (x0 + rr < n) {
+      copy8(dst + rr * W + c8, row_ptr<T>(x, b, h, x0 + rr) + c8);
+    } else {
+      zero8(dst + rr * W + c8);
+    }
+  }
+}
+
+// acc (64 x W, float, ld W) += Σ_warps Lᵀ·R over the block's 64 owner rows:
+// L is each warp's 16 x 64 left factor (dS or P, ld 64) read as a col_major
+// matrix_a (its transpose), R its 16 x W owner rows (ld W). The 4·W/16 output
+// tiles are dealt to the warps round robin: each tile has one owner, no race.
+template <typename T, int W>
+__device__ __forceinline__ void tc_landmark_partials(float* acc, const T* L0, size_t l_stride, const T* R0,
+                                                     size_t r_stride) {
+  const int warp = threadIdx.x / 32;
+  constexpr int kTiles = (kTcSlots / 16) * (W / 16);
+  for (int t = warp; t < kTiles; t += kTcWarps) {
+    const int ti = t / (W / 16), tj = t % (W / 16);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::load_matrix_sync(c, acc + 16 * ti * W + 16 * tj, W, wmma::mem_row_major);
+#pragma unroll
+    for (int s = 0; s < kTcWarps; ++s) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+      wmma::load_matrix_sync(a, L0 + s * l_stride + 16 * ti, kTcSlots);
+      wmma::load_matrix_sync(bf, R0 + s * r_stride + 16 * tj, W);
+      wmma::mma_sync(c, a, bf, c);
+    }
+    wmma::store_matrix_sync(acc + 16 * ti * W + 16 * tj, c, W, wmma::mem_row_major);
+  }
+}
+
+// A warp's 16 x W float product rows (ld W), times `mul`, to float rows of a
+// (B*H, npad, W) tensor at the rows' positions.
+template <int W>
+__device__ __forceinline__ void tc_write_rows(float* dst, const float* src, float mul, const int* index, int npad,
+                                              int b, int x0, int n) {
+  const int lane = threadIdx.x % 32;
+  for (int i = lane; i < kTcRows * W; i += 32) {
+    const int rr = i / W;
+    if (x0 + rr < n) dst[position(index, npad, b, x0 + rr) * W + i % W] = mul * src[i];
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void tc_write_partial(float* dst, const float* acc, float mul, int n) {
+  for (int i = threadIdx.x; i < n * W; i += kTcWarps * 32) dst[i] = mul * acc[i];
+}
+
+// Query side, every non-empty element. Per warp and tile: S = q k̃ᵀ, dF = dO Wᵀ,
+// F = exp(scale S - lse), delta = Σ F dF, dS = F (dF - delta); dq = scale dS k̃;
+// then, for the block's 64 rows, dk̃ += scale dSᵀ q and dW += Fᵀ dO.
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(BackwardArgs a) {
+  static_assert(D <= 2 * kTcSlots && DV <= 2 * kTcSlots, "the float product reuses the two logit tiles");
+  constexpr int BR = kTcWarps * kTcRows;
+  const Problem& p = a.p;
+  const int bh = a.bh0 + blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const Elem e = element(p, b);
+  if (!selected(e, Only::kAll)) return;
+  const int nx = e.Lb, ny = e.mk;
+  if (static_cast<int>(blockIdx.x) * BR >= nx) return;  // no tile: the slice keeps its zeros
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
+  T* sK = reinterpret_cast<T*>(smem_raw);          // [64][D] k̃
+  T* sW = sK + kTcSlots * D;                        // [64][DV] W
+  float* accK = reinterpret_cast<float*>(sW + kTcSlots * DV);  // [64][D]
+  float* accW = accK + kTcSlots * D;                            // [64][DV]
+  unsigned char* warps0 = reinterpret_cast<unsigned char*>(accW + kTcSlots * DV);
+  constexpr size_t kWarpBytes = tc_backward_warp_smem<T>(D, DV);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  auto region = [&](int w) { return warps0 + w * kWarpBytes; };
+  T* sQ = reinterpret_cast<T*>(region(warp));                  // [16][D]
+  T* sG = sQ + kTcRows * D;                                     // [16][DV] dO
+  float* sS = reinterpret_cast<float*>(sG + kTcRows * DV);       // [16][64] S, then F
+  float* sF = sS + kTcRows * kTcSlots;                           // [16][64] dF
+  float* sO = sS;                                                // [16][D] dq, over sS and sF
+  T* sP = reinterpret_cast<T*>(sF + kTcRows * kTcSlots);         // [16][64]
+  T* sDS = sP + kTcRows * kTcSlots;                              // [16][64]
+
+  const int64_t lm0 = static_cast<int64_t>(bh) * p.ms;
+  tc_stage_landmarks<T, D>(sK, static_cast<const float*>(a.lm) + lm0 * D, ny);
+  tc_stage_landmarks<T, DV>(sW, static_cast<const float*>(a.lmv) + lm0 * DV, ny);
+  for (int i = tid; i < kTcSlots * (D + DV); i += kTcWarps * 32) accK[i] = 0.0f;  // accK, accW
+  __syncthreads();
+  const float scale = static_cast<float>(p.scale);
+  const int r = lane >> 1, half = lane & 1;  // elementwise work: a lane pair per row (tc_column)
+  const float* lse = static_cast<const float*>(a.lse) + static_cast<int64_t>(bh) * p.L;
+  float* dq = static_cast<float*>(a.out1) + static_cast<int64_t>(bh) * p.L * D;
+
+  for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
+    const int x0 = xb + warp * kTcRows;  // this warp's rows (all padding past nx: zeros, F = 0)
+    tc_stage_rows<T, D>(sQ, a.x, b, h, x0, nx);
+    tc_stage_rows<T, DV>(sG, a.g, b, h, x0, nx);
+    const bool row_ok = x0 + r < nx;
+    const float lse_r = row_ok ? lse[position(a.x.index, a.x.npad, b, x0 + r)] : 0.0f;
+    __syncwarp();
+    tc_logits<T, D>(sQ, sK, sS);
+    tc_logits<T, DV>(sG, sW, sF);
+    __syncwarp();
+    float delta = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      const int c = tc_column(half, i, lane);
+      const float f = row_ok && c < ny ? expf(sS[r * kTcSlots + c] * scale - lse_r) : 0.0f;
+      sS[r * kTcSlots + c] = f;
+      delta += f * sF[r * kTcSlots + c];
+    }
+    delta += __shfl_xor_sync(0xffffffffu, delta, 1);
+    for (int i = 0; i < 32; ++i) {
+      const int c = tc_column(half, i, lane);
+      const float f = sS[r * kTcSlots + c];
+      sP[r * kTcSlots + c] = from_acc<T>(f);
+      sDS[r * kTcSlots + c] = from_acc<T>(f * (sF[r * kTcSlots + c] - delta));
+    }
+    __syncwarp();
+    tc_product<T, D>(sDS, sK, sO, /*accumulate=*/false);
+    __syncwarp();
+    tc_write_rows<D>(dq, sO, scale, a.x.index, a.x.npad, b, x0, nx);
+    __syncthreads();  // every warp's dS, P, q and dO rows are staged
+    const size_t stride = kWarpBytes / sizeof(T);
+    const T* q0 = reinterpret_cast<const T*>(region(0));
+    const T* g0 = q0 + kTcRows * D;
+    const T* p0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(g0 + kTcRows * DV) + 2 * kTcRows * kTcSlots);
+    const T* ds0 = p0 + kTcRows * kTcSlots;
+    tc_landmark_partials<T, D>(accK, ds0, stride, q0, stride);
+    tc_landmark_partials<T, DV>(accW, p0, stride, g0, stride);
+    __syncthreads();  // consumed before the next tile overwrites the warps' rows
+  }
+  const int64_t slot = static_cast<int64_t>(bh) * a.groups + blockIdx.x;
+  tc_write_partial<D>(static_cast<float*>(a.part1) + slot * p.ms * D, accK, scale, ny);
+  tc_write_partial<DV>(static_cast<float*>(a.part2) + slot * p.ms * DV, accW, 1.0f, ny);
+}
+
+// Key side, Nyström elements. Owner rows are keys (and their values); the
+// softmax runs over the keys of each landmark row, so its statistics (lse_l,
+// delta = rowsum(dbv∘bv)) arrive per landmark column. Per warp and tile:
+// S = k q̃ᵀ, G = v dbvᵀ, F = exp(scale S - lse_l), dS = F (G - delta);
+// dk = scale dS q̃, dv = F dbv; for the block's 64 rows dq̃ += scale dSᵀ k.
+// dk and dv rows of Nyström elements are written, not added to: no earlier
+// step of the backward writes them (backward.cpp, steps 2 and 5).
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(BackwardArgs a) {
+  static_assert(D <= 2 * kTcSlots && DV <= 2 * kTcSlots, "the float products reuse the two logit tiles");
+  constexpr int BR = kTcWarps * kTcRows;
+  const Problem& p = a.p;
+  const int bh = a.bh0 + blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const Elem e = element(p, b);
+  if (!selected(e, Only::kNystrom)) return;
+  const int nx = e.Sb, ny = e.mq;
+  if (static_cast<int>(blockIdx.x) * BR >= nx) return;
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
+  T* sL = reinterpret_cast<T*>(smem_raw);          // [64][D] q̃
+  T* sB = sL + kTcSlots * D;                        // [64][DV] dbv
+  float* acc = reinterpret_cast<float*>(sB + kTcSlots * DV);  // [64][D]
+  float* slse = acc + kTcSlots * D;                            // [64]
+  float* sdel = slse + kTcSlots;                               // [64]
+  unsigned char* warps0 = reinterpret_cast<unsigned char*>(sdel + kTcSlots);
+  constexpr size_t kWarpBytes = tc_backward_warp_smem<T>(D, DV);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  auto region = [&](int w) { return warps0 + w * kWarpBytes; };
+  T* sK = reinterpret_cast<T*>(region(warp));                  // [16][D]
+  T* sV = sK + kTcRows * D;                                     // [16][DV]
+  float* sS = reinterpret_cast<float*>(sV + kTcRows * DV);       // [16][64]
+  float* sG = sS + kTcRows * kTcSlots;                           // [16][64]
+  float* sO = sS;                                                // [16][D] or [16][DV]
+  T* sP = reinterpret_cast<T*>(sG + kTcRows * kTcSlots);
+  T* sDS = sP + kTcRows * kTcSlots;
+
+  const int64_t lm0 = static_cast<int64_t>(bh) * p.ms;
+  tc_stage_landmarks<T, D>(sL, static_cast<const float*>(a.lm) + lm0 * D, ny);
+  tc_stage_landmarks<T, DV>(sB, static_cast<const float*>(a.lmv) + lm0 * DV, ny);
+  for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) acc[i] = 0.0f;
+  if (tid < kTcSlots) {
+    const bool ok = tid < ny;
+    slse[tid] = ok ? static_cast<const float*>(a.lse)[lm0 + tid] : 0.0f;
+    sdel[tid] = ok ? static_cast<const float*>(a.delta)[lm0 + tid] : 0.0f;
+  }
+  __syncthreads();
+  const float scale = static_cast<float>(p.scale);
+  const int r = lane >> 1, half = lane & 1;
+  float* dk = static_cast<float*>(a.out1) + static_cast<int64_t>(bh) * p.S * D;
+  float* dv = static_cast<float*>(a.out2) + static_cast<int64_t>(bh) * p.S * DV;
+
+  for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
+    const int x0 = xb + warp * kTcRows;
+    tc_stage_rows<T, D>(sK, a.x, b, h, x0, nx);
+    tc_stage_rows<T, DV>(sV, a.g, b, h, x0, nx);
+    const bool row_ok = x0 + r < nx;
+    __syncwarp();
+    tc_logits<T, D>(sK, sL, sS);
+    tc_logits<T, DV>(sV, sB, sG);
+    __syncwarp();
+    for (int i = 0; i < 32; ++i) {
+      const int c = tc_column(half, i, lane);
+      const float f = row_ok && c < ny ? expf(sS[r * kTcSlots + c] * scale - slse[c]) : 0.0f;
+      sP[r * kTcSlots + c] = from_acc<T>(f);
+      sDS[r * kTcSlots + c] = from_acc<T>(f * (sG[r * kTcSlots + c] - sdel[c]));
+    }
+    __syncwarp();
+    tc_product<T, D>(sDS, sL, sO, /*accumulate=*/false);
+    __syncwarp();
+    tc_write_rows<D>(dk, sO, scale, a.x.index, a.x.npad, b, x0, nx);
+    __syncwarp();
+    tc_product<T, DV>(sP, sB, sO, /*accumulate=*/false);
+    __syncwarp();
+    tc_write_rows<DV>(dv, sO, 1.0f, a.x.index, a.x.npad, b, x0, nx);
+    __syncthreads();
+    const size_t stride = kWarpBytes / sizeof(T);
+    const T* k0 = reinterpret_cast<const T*>(region(0));
+    const T* ds0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(k0 + kTcRows * (D + DV)) +
+                                              2 * kTcRows * kTcSlots) +
+                   kTcRows * kTcSlots;
+    tc_landmark_partials<T, D>(acc, ds0, stride, k0, stride);
+    __syncthreads();
+  }
+  const int64_t slot = static_cast<int64_t>(bh) * a.groups + blockIdx.x;
+  tc_write_partial<D>(static_cast<float*>(a.part1) + slot * p.ms * D, acc, scale, ny);
+}
+
+}  // namespace kern
+}  // namespace nystrom::cuda

@@ -1,0 +1,98 @@
+"""The tensor-core backward of float16 / bfloat16 (cuda/backward_tc_kernels.cuh; docs/DESIGN.md §7): the query side
+and the key side of the long products on WMMA tiles with float32 accumulation, where the tensor-core forward serves
+the shape (D, Dv in {64, 128}, at most 64 landmarks).
+
+What it may round, and so the bound tested here: the float32 landmark operands (k̃, W, q̃, dbv) to the input dtype
+once, and the probabilities F and dS = F∘(dF − δ) as left operands of the products, each a relative error of at most
+u = eps/2; every sum is float32. A gradient entry is a float32 sum of products with at most three such rounded
+factors, so it moves by at most about 3u·Σ|terms| from the float32 function of the same half inputs; with the
+cancellation in dS (its entries of both signs sum to zero per row) Σ|terms| is a few times the largest entry. The
+tests allow 4 eps relative to the largest entry, against the float32 function's exact derivative and against the
+float32 CUDA-core backward (NYSTROM_CUDA_TC_BACKWARD=0) on the same saved forward; the emulated backend measures at
+most ~1 eps on these cases. A wrong kernel (a missed scale, a wrong δ, a dropped tile or landmark) is off by O(1).
+
+Runs on the devices with the CUDA backend ("cuda", "emu"); which kernels ran is checked on the emulated backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import Case, cotangent, emulated_library, middle, reference, rel_err, scattered, trailing
+
+torch_nystrom = pytest.importorskip("torch_nystrom")
+nystrom_attention = torch_nystrom.nystrom_attention
+
+# Odd lengths (no multiple of 16), ragged padding of both sides, m < 64 and m = 64, both head dims and the mixed
+# pairs, exact elements next to Nyström ones, and enough rows and heads that blocks walk several 64-row tiles
+# (the partials accumulate across tiles).
+CASES = [
+    Case("tcb_d64_m37_exact_mix", B=3, H=2, L=203, S=157, D=64, Dv=64, m=37, key_mask=trailing(157, 25, 120),
+         query_mask=trailing(190, 30, 203)),
+    Case("tcb_d128_m64_scattered", B=2, H=2, L=141, S=333, D=128, Dv=128, m=64, key_mask=scattered(0.3),
+         query_mask=middle((17, 40), (0, 0))),
+    Case("tcb_d128_dv64_m9", B=1, H=3, L=77, S=95, D=128, Dv=64, m=9),
+    Case("tcb_d64_dv128_m50", B=1, H=2, L=121, S=99, D=64, Dv=128, m=50, key_mask=trailing(83)),
+    Case("tcb_d64_m64_tiles", B=2, H=8, L=1100, S=1301, D=64, Dv=64, m=64, key_mask=trailing(1301, 1177),
+         query_mask=scattered(0.1)),
+]
+CASE = {c.id: c for c in CASES}
+DTYPES = [torch.float16, torch.bfloat16]
+TOL_EPS = 4  # relative to the largest entry, in units of the dtype's eps (the module docstring)
+
+
+def _grads(q, k, v, kw, g, monkeypatch, tc: bool):
+    if tc:
+        monkeypatch.delenv("NYSTROM_CUDA_TC_BACKWARD", raising=False)
+    else:
+        monkeypatch.setenv("NYSTROM_CUDA_TC_BACKWARD", "0")
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = nystrom_attention(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, g)
+    monkeypatch.delenv("NYSTROM_CUDA_TC_BACKWARD", raising=False)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f16", "bf16"])
+@pytest.mark.parametrize("case_id", list(CASE))
+def test_tensor_core_backward_within_its_rounding(case_id, dtype, cuda_device, monkeypatch):
+    case = CASE[case_id]
+    q, k, v, kw = case.build(dtype, cuda_device)
+    g = cotangent(case.out_shape, dtype, cuda_device)
+    out_tc, grads_tc = _grads(q, k, v, kw, g, monkeypatch, tc=True)
+    out_cc, grads_cc = _grads(q, k, v, kw, g, monkeypatch, tc=False)
+    assert torch.equal(out_tc, out_cc), "the switch must not change the forward"
+    _, ref32 = reference(q, k, v, kw, grad_out=g, compute_dtype=torch.float32)
+    _, ref64 = reference(q, k, v, kw, grad_out=g)
+    eps = torch.finfo(dtype).eps
+    for name, a, c, e32, e64 in zip(("dq", "dk", "dv"), grads_tc, grads_cc, ref32, ref64):
+        assert a.dtype == dtype and torch.isfinite(a).all(), f"{name}: dtype {a.dtype} or non-finite values"
+        for what, expected in (("float32 derivative", e32), ("CUDA-core backward", c), ("float64 reference", e64)):
+            err = rel_err(a, expected)
+            assert err <= TOL_EPS * eps, f"{name} vs {what}: {err / eps:.2f} eps > {TOL_EPS} eps"
+    # padded tokens get exactly zero gradient
+    for mask, grads in ((kw.get("key_padding_mask"), grads_tc[1:]), (kw.get("query_padding_mask"), grads_tc[:1])):
+        if mask is not None:
+            for t in grads:
+                assert torch.count_nonzero(t.detach().cpu()[mask.cpu()[:, None, :, None].expand_as(t.cpu())]) == 0
+
+
+@pytest.mark.skipif(not emulated_library(), reason="which kernels ran: the emulated backend's launch log")
+@pytest.mark.parametrize("case_id,tc_kernels", [("tcb_d64_m37_exact_mix", True), ("tcb_d128_dv64_m9", True)])
+def test_switch_selects_the_kernels(case_id, tc_kernels, cuda_device, monkeypatch):
+    """NYSTROM_CUDA_TC_BACKWARD=0 (read at every call) takes the float32 CUDA-core backward kernels; by default
+    half inputs of these shapes take both tensor-core backward kernels."""
+    from test_emulated import launched_during
+
+    case = CASE[case_id]
+    q, k, v, kw = case.build(torch.bfloat16, cuda_device)
+    g = cotangent(case.out_shape, torch.bfloat16, cuda_device)
+    _, on = launched_during(lambda: _grads(q, k, v, kw, g, monkeypatch, tc=True))
+    _, off = launched_during(lambda: _grads(q, k, v, kw, g, monkeypatch, tc=False))
+    names_on, names_off = " ".join(on), " ".join(off)
+    for kernel in ("tc_backward_query_kernel", "tc_backward_key_kernel"):
+        assert kernel in names_on, f"{kernel} not launched: {sorted(on)}"
+        assert kernel not in names_off, f"{kernel} launched with the switch off"
+    assert "backward_query_kernel<" in names_off.replace("tc_backward_query_kernel<", "")
+    assert "backward_query_kernel<" not in names_on.replace("tc_backward_query_kernel<", "")
