@@ -94,6 +94,16 @@ def dynamic_smem_table() -> list:
     mm = lambda mp, a: a * (8 * mp * (mp + 1) + (mp // 4) ** 2 + mp + 2)
     lines.append(f"  {'mm_backward (m<=32/64/128)':<28}{'fp32':<10}{mm(32, 4):>10}{mm(64, 4):>10}{'ATen':>10}")
     lines.append(f"  {'mm_backward (m<=32/64)':<28}{'fp64':<10}{mm(32, 8):>10}{'ATen':>10}{'ATen':>10}")
+    # Tensor cores, float16/bfloat16 (forward_tc_kernels.cuh, backward_tc_kernels.cuh): 4 warps x 16 rows,
+    # 64 landmark slots; D = Dv = 64 / 128 (the mixed pairs lie between).
+    tc_q = lambda d: 2 * 64 * 2 * d + 4 * (2 * 16 * d + 4 * 16 * 64 + 2 * 16 * 64 + 4 * 16 * d)
+    tc_l = lambda d: 2 * 64 * 3 * d + 4 * (4 * 16 * 64 + 2 * 16 * 64 + 4 * 16 * d + 4 * 16)
+    warp_b = lambda d: 2 * 16 * 2 * d + 2 * 4 * 16 * 64 + 2 * 2 * 16 * 64
+    tc_bq = lambda d: 2 * 64 * 2 * d + 4 * 64 * 2 * d + 4 * warp_b(d)
+    tc_bk = lambda d: 2 * 64 * 2 * d + 4 * 64 * d + 2 * 4 * 64 + 4 * warp_b(d)
+    for name, f in (("tc_query (forward)", tc_q), ("tc_landmark (forward)", tc_l),
+                    ("tc_backward_query", tc_bq), ("tc_backward_key", tc_bk)):
+        lines.append(f"  {name:<28}{'fp16/bf16':<10}{f(64):>10}{f(128):>10}{'-':>10}")
     lines.append("  (sm_80 allows 163 KiB per block, sm_90 227 KiB; above that the launcher refuses with a clear")
     lines.append("   error, or Newton-Schulz takes the batched cuBLAS path)")
     return lines

@@ -96,3 +96,25 @@ def test_switch_selects_the_kernels(case_id, tc_kernels, cuda_device, monkeypatc
         assert kernel not in names_off, f"{kernel} launched with the switch off"
     assert "backward_query_kernel<" in names_off.replace("tc_backward_query_kernel<", "")
     assert "backward_query_kernel<" not in names_on.replace("tc_backward_query_kernel<", "")
+
+
+@pytest.mark.skipif(not emulated_library(), reason="another target's limits: the emulated backend's profiles")
+def test_sm80_takes_the_cuda_core_query_side_at_d128(cuda_device, monkeypatch):
+    """The query side at D = Dv = 128 needs 176 KiB of shared memory per block, more than sm_80's 163 KiB opt-in
+    limit: there the float32 CUDA-core query kernel serves it while the key side (144 KiB) keeps the tensor
+    cores, with the same accuracy; on sm_90 both sides take the tensor cores."""
+    from test_emulated import emulator_setting, launched_during
+
+    case = CASE["tcb_d128_m64_scattered"]
+    q, k, v, kw = case.build(torch.float16, cuda_device)
+    g = cotangent(case.out_shape, torch.float16, cuda_device)
+    _, ref32 = reference(q, k, v, kw, grad_out=g, compute_dtype=torch.float32)
+    eps = torch.finfo(torch.float16).eps
+    for arch, query_tc in (("sm90", True), ("sm80", False)):
+        with emulator_setting("arch", arch):
+            (_, grads), launched = launched_during(lambda: _grads(q, k, v, kw, g, monkeypatch, tc=True))
+        names = " ".join(launched)
+        assert ("tc_backward_query_kernel" in names) == query_tc, f"{arch}: {sorted(launched)}"
+        assert "tc_backward_key_kernel" in names, f"{arch}: {sorted(launched)}"
+        for name, a, e in zip(("dq", "dk", "dv"), grads, ref32):
+            assert rel_err(a, e) <= TOL_EPS * eps, f"{arch} {name}: {rel_err(a, e) / eps:.2f} eps"
