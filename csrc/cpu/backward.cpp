@@ -39,6 +39,7 @@ struct BackwardState {
   std::vector<int64_t> heads;  // the Nyström heads
   Tensor q_lm_s, k_lm_s;       // landmarks with the softmax scale folded in
   bool fused = false;
+  bool bf16_forward = false;  // the forward's logits used bfloat16-rounded landmarks (fused_bf16.h)
   int64_t mp = 0, dp = 0, dvp = 0;  // ms, D, Dv rounded up to fused::kPadColumns
   std::vector<Tile> qtiles, ktiles;  // Nyström tiles of queries and of keys
   std::vector<Tensor> part_dkl, part_dw2, part_dql;  // per tile
@@ -98,6 +99,12 @@ void exact_elements(BackwardState& s) {
   });
 }
 
+// The scaled landmarks as the forward's logits used them: rounded to
+// bfloat16 where its products ran on vdpbf16ps (forward.cpp), else as they are.
+Tensor logit_landmarks(const BackwardState& s, const Tensor& lm_scaled) {
+  return s.bf16_forward ? lm_scaled.to(at::kBFloat16).to(lm_scaled.scalar_type()) : lm_scaled;
+}
+
 // Phase 1: query tiles. F = softmax(scale q k̃ᵀ) from its saved log-sum-exp;
 // dq (direct part), and per tile dk̃ = scale dXᵀ q and dW = Fᵀ dO.
 void query_pass(BackwardState& s) {
@@ -106,7 +113,9 @@ void query_pass(BackwardState& s) {
   s.part_dkl.assign(s.qtiles.size(), Tensor());
   s.part_dw2.assign(s.qtiles.size(), Tensor());
   // The packed per-head operands of the fused pass (fused.h, backward_tile).
-  const Tensor k_lm_sT = s.fused ? pack_heads(s.k_lm_s, c.D, s.mp, /*transpose=*/true) : Tensor();
+  // The logits are recomputed from the landmarks the forward multiplied, so
+  // that F matches its saved log-sum-exps.
+  const Tensor k_lm_sT = s.fused ? pack_heads(logit_landmarks(s, s.k_lm_s), c.D, s.mp, /*transpose=*/true) : Tensor();
   const Tensor zbvT = s.fused ? pack_heads(c.zbv, c.Dv, s.mp, /*transpose=*/true) : Tensor();
   const Tensor k_lm_sP = s.fused ? pack_heads(s.k_lm_s, s.mp, s.dp, /*transpose=*/false) : Tensor();
   const double md = static_cast<double>(c.ms), tL = tile_rows(c.L, c.B * c.H);
@@ -273,7 +282,7 @@ void key_pass(BackwardState& s) {
   s.part_dql.assign(s.ktiles.size(), Tensor());
   Tensor q_lm_sT, dbvT, q_lm_sP, dbvP, lse_lP, col_dotP;
   if (s.fused) {
-    q_lm_sT = pack_heads(s.q_lm_s, c.D, s.mp, /*transpose=*/true);
+    q_lm_sT = pack_heads(logit_landmarks(s, s.q_lm_s), c.D, s.mp, /*transpose=*/true);
     q_lm_sP = pack_heads(s.q_lm_s, s.mp, s.dp, /*transpose=*/false);
     dbvT = pack_heads(s.dbv_all, c.Dv, s.mp, /*transpose=*/true);
     dbvP = pack_heads(s.dbv_all, s.mp, s.dvp, /*transpose=*/false);
@@ -393,6 +402,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(
   s.q_lm_s = c.q_landmarks * c.o.scale;
   s.k_lm_s = c.k_landmarks * c.o.scale;
   s.fused = fused;
+  s.bf16_forward = fused && c.q.scalar_type() == at::kBFloat16 && bf16_products();
   s.mp = round_up(c.ms, fused::kPadColumns);
   s.dp = round_up(c.D, fused::kPadColumns);
   s.dvp = round_up(c.Dv, fused::kPadColumns);

@@ -1,6 +1,6 @@
 // The CPU backend's part of nystrom_build_info (build_info.h): the
 // instruction sets built, the best this CPU runs, the one chosen (isa.h),
-// and OpenMP.
+// whether bfloat16 inputs multiply on vdpbf16ps (available, chosen), and OpenMP.
 #include "build_info.h"
 #include "cpu/isa.h"
 
@@ -17,6 +17,8 @@ extern "C" const char* nystrom_cpu_build_info(void) {
     std::string s = "{\"isa_built\": " + built;
     s += std::string(", \"isa_available\": \"") + nystrom::cpu::isa_name(nystrom::cpu::best_available_isa()) + "\"";
     s += std::string(", \"isa_chosen\": \"") + nystrom::cpu::isa_name(nystrom::cpu::isa()) + "\"";
+    s += std::string(", \"bf16_products_available\": ") + (nystrom::cpu::cpu_has_bf16_products() ? "true" : "false");
+    s += std::string(", \"bf16_products\": ") + (nystrom::cpu::bf16_products() ? "true" : "false");
 #if defined(_OPENMP)
     s += ", \"openmp\": " + std::to_string(_OPENMP);
 #else

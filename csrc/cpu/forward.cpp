@@ -35,6 +35,7 @@ struct ForwardCall {
   std::vector<double> pinv_c;  // c per head (B * H)
   Tensor q_lm_s, k_lm_s;       // landmarks with the softmax scale folded in
   bool fused = false;          // the fused float32 kernels serve this call
+  bool bf16 = false;           // ... with the long products on vdpbf16ps (bfloat16 inputs)
   int64_t mp = 0, dvp = 0;     // ms and Dv rounded up to fused::kPadColumns
 };
 
@@ -82,10 +83,26 @@ void landmark_values(ForwardCall& f) {
   const std::vector<Tile> tiles = make_tiles(f.el, c.H, /*keys=*/true, /*exact_whole=*/false, ElementKind::kNystrom);
   std::vector<Tensor> part_max(tiles.size()), part_sum(tiles.size()), part_pv(tiles.size());
   const Tensor qT_pack = f.fused ? pack_heads(f.q_lm_s, c.D, f.mp, /*transpose=*/true) : Tensor();
+  const Tensor qT_pairs = f.bf16 ? pair_heads(qT_pack) : Tensor();
   const double md = static_cast<double>(c.ms), tS = tile_rows(c.S, c.B * c.H);
   run_tasks(static_cast<int64_t>(tiles.size()), tS * md * (c.D + c.Dv), [&](int64_t i) {
     const Tile& t = tiles[i];
     const Element& e = f.el[t.b];
+    if (f.bf16) {
+      const Tensor kt = half_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, c.D);
+      const Tensor vt = unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, f.dvp);
+      const int64_t n = kt.size(0);
+      const Tensor work = scratch(0, n, f.mp, c.acc_opts);
+      Tensor stats = at::empty({2, f.mp}, c.acc_opts);
+      Tensor pv = at::empty({e.mq, c.Dv}, c.acc_opts);
+      fused::bf16::key_tile(half_ptr(kt), kt.stride(0), vt.data_ptr<float>(), vt.stride(0), n, c.D, c.Dv,
+                            pair_ptr(qT_pairs[t.b][t.h]), e.mq, f.mp, work.data_ptr<float>(),
+                            stats[0].data_ptr<float>(), stats[1].data_ptr<float>(), pv.data_ptr<float>(), c.Dv);
+      part_max[i] = stats[0].narrow(0, 0, e.mq).unsqueeze(1);
+      part_sum[i] = stats[1].narrow(0, 0, e.mq).unsqueeze(1);
+      part_pv[i] = pv;
+      return;
+    }
     if (f.fused) {
       const Tensor kt = unit_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, c.D);
       const Tensor vt = unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, f.dvp);
@@ -157,6 +174,8 @@ void query_rows(ForwardCall& f) {
   const std::vector<Tile> tiles = make_tiles(f.el, c.H, /*keys=*/false, /*exact_whole=*/true);
   const Tensor kT_pack = f.fused ? pack_heads(f.k_lm_s, c.D, f.mp, /*transpose=*/true) : Tensor();
   const Tensor w_pack = f.fused ? pack_heads(f.r.zbv, f.mp, f.dvp, /*transpose=*/false) : Tensor();
+  const Tensor kT_pairs = f.bf16 ? pair_heads(kT_pack) : Tensor();
+  const Tensor w_pairs = f.bf16 ? pair_heads(w_pack) : Tensor();
   const Tensor& out = f.r.out;
   const double md = static_cast<double>(c.ms), tL = tile_rows(c.L, c.B * c.H);
   run_tasks(static_cast<int64_t>(tiles.size()), tL * md * (c.D + c.Dv), [&](int64_t i) {
@@ -165,15 +184,22 @@ void query_rows(ForwardCall& f) {
     const Tensor out_bh = out[t.b][t.h];
     const Tensor lse_bh = f.r.lse_query[t.b][t.h];
     if (f.fused && e.kind == ElementKind::kNystrom) {
-      const Tensor qt = unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, c.D);
+      const Tensor qt = f.bf16 ? half_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, c.D)
+                               : unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, c.D);
       const int64_t n = qt.size(0);
       // straight into out and lse_query when the tile's rows are contiguous there
       const bool direct = !e.qidx.defined() && out.scalar_type() == at::kFloat && out_bh.stride(1) == 1;
       Tensor o = direct ? out_bh.narrow(0, t.r0, n) : scratch(2, n, c.Dv, c.acc_opts);
       Tensor lse = e.qidx.defined() ? scratch(3, n, 1, c.acc_opts).view({n}) : lse_bh.narrow(0, t.r0, n);
-      fused::attend_rows(qt.data_ptr<float>(), qt.stride(0), n, c.D, kT_pack[t.b][t.h].data_ptr<float>(), e.mk, f.mp,
-                         w_pack[t.b][t.h].data_ptr<float>(), f.dvp, c.Dv, o.data_ptr<float>(), o.stride(0),
-                         lse.data_ptr<float>());
+      if (f.bf16) {
+        fused::bf16::attend_rows(half_ptr(qt), qt.stride(0), n, c.D, pair_ptr(kT_pairs[t.b][t.h]), e.mk, f.mp,
+                                 pair_ptr(w_pairs[t.b][t.h]), f.dvp, c.Dv, o.data_ptr<float>(), o.stride(0),
+                                 lse.data_ptr<float>());
+      } else {
+        fused::attend_rows(qt.data_ptr<float>(), qt.stride(0), n, c.D, kT_pack[t.b][t.h].data_ptr<float>(), e.mk,
+                           f.mp, w_pack[t.b][t.h].data_ptr<float>(), f.dvp, c.Dv, o.data_ptr<float>(), o.stride(0),
+                           lse.data_ptr<float>());
+      }
       if (!direct) store_tile(out_bh, e.qidx, t.r0, o);
       if (e.qidx.defined()) put_rows(lse_bh, e.qidx, t.r0, lse);
       return;
@@ -208,6 +234,7 @@ ForwardResult forward_cpu(const Tensor& query, const Tensor& key, const Tensor& 
   ForwardCall f(c, el, r);
   f.heads = heads_of(el, c.H, ElementKind::kNystrom);
   f.fused = use_fused(c.acc, c.ms);
+  f.bf16 = f.fused && query.scalar_type() == at::kBFloat16 && bf16_products();
   f.mp = round_up(c.ms, fused::kPadColumns);
   f.dvp = round_up(c.Dv, fused::kPadColumns);
   landmarks_and_kernel(f);

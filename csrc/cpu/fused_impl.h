@@ -166,32 +166,11 @@ void attend_rows(const float* q, int64_t ldq, int64_t rows, int64_t D, const flo
   for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
     const float* qr[kMR];
     const int n = row_block(q, ldq, r0, rows, qr);
-    // logits of the block: (n x m) = q rows · kT
+    // logits of the block: (n x m) = q rows · kT (rows >= n repeat row 0's)
     product(qr, kMR, 1, D, kT, mp, mp, &s[0][0], kMaxLandmarksFused);
+    softmax_block(&s[0][0], kMaxLandmarksFused, n, m, mp, lse + r0);
     const float* pr[kMR];
-    for (int r = 0; r < kMR; ++r) {
-      float* row = s[r];
-      pr[r] = s[r < n ? r : 0];
-      if (r >= n) continue;
-      // softmax over the m real columns; the padding columns get probability 0
-      V vm = splat(-INFINITY);
-      int64_t c = 0;
-      for (; c + kW <= m; c += kW) vm = vmax(vm, load(row + c));
-      float mx = hmax(vm);
-      for (; c < m; ++c) mx = fmax2(row[c], mx);
-      for (c = m; c < mp; ++c) row[c] = -INFINITY;
-      V vs = splat(0.0f);
-      const V vmx = splat(mx);
-      for (c = 0; c < mp; c += kW) {
-        const V e = vexp(load(row + c) - vmx);
-        store(row + c, e);
-        vs += e;
-      }
-      const float sum = hsum(vs);
-      const V inv = splat(1.0f / sum);
-      for (c = 0; c < mp; c += kW) store(row + c, load(row + c) * inv);
-      lse[r0 + r] = std::log(sum) + mx;
-    }
+    for (int r = 0; r < kMR; ++r) pr[r] = s[r < n ? r : 0];
     // out rows = p · w
     product(pr, n, 1, mp, w, ldw, Dv, out + r0 * ldo, ldo);
   }
@@ -206,21 +185,7 @@ void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t 
     const int n = row_block(k, ldk, r0, rows, kr);
     product(kr, n, 1, D, qT, mp, mp, work + r0 * mp, mp);
   }
-  // column maxima over the tile, then P = exp(S - max) and the column sums
-  for (int64_t c = 0; c < mp; c += kW) store(col_max + c, splat(-INFINITY));
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = work + r * mp;
-    for (int64_t c = 0; c < mp; c += kW) store(col_max + c, vmax(load(col_max + c), load(row + c)));
-  }
-  for (int64_t c = 0; c < mp; c += kW) store(col_sum + c, splat(0.0f));
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = work + r * mp;
-    for (int64_t c = 0; c < mp; c += kW) {
-      const V e = vexp(load(row + c) - load(col_max + c));
-      store(row + c, e);
-      store(col_sum + c, load(col_sum + c) + e);
-    }
-  }
+  column_softmax(work, rows, mp, col_max, col_sum);
   // pv (m x Dv) = Pᵀ · v
   product_tn(work, mp, m, rows, v, ldv, Dv, pv, ldpv);
 }

@@ -86,9 +86,11 @@ inline float fmax2(float a, float b) { return a > b ? a : b; }
 // (a fixed order, so results repeat bitwise), then the last four lanes.
 inline __m128 fold_to_128(V v, bool max) {
 #if NYSTROM_SIMD_WIDTH == 16
-  __m256 lo8, hi8;
-  std::memcpy(&lo8, &v, sizeof lo8);
-  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof lo8, sizeof hi8);
+  // register-to-register halves (a memcpy of the halves kept the running
+  // maxima and sums of the callers' loops in memory, a store-to-load chain)
+  const __m512 w = (__m512)v;
+  const __m256 lo8 = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xff, _mm512_castps_pd(w), 0));
+  const __m256 hi8 = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xff, _mm512_castps_pd(w), 1));
   const __m256 x = max ? _mm256_max_ps(lo8, hi8) : _mm256_add_ps(lo8, hi8);
 #else
   const __m256 x = (__m256)v;
@@ -280,6 +282,69 @@ inline void exp_in_place(float* x, int64_t n, float shift, float* sum) {
     std::memcpy(x + c, tail, (n - c) * sizeof(float));
   }
   if (sum != nullptr) *sum = s;
+}
+
+// Softmax of a register block's kMR rows of logits (row r at s + r * ld) over
+// their m real columns, in place, normalised; the padding columns m .. mp (mp
+// a multiple of kW) get probability 0. The rows are processed side by side (six
+// independent chains of maxima, exponentials and sums, not one row's
+// dependent chain after another's); every row must hold finite or -inf logits.
+// lse[r] = the log-sum-exp of row r, for r < rows.
+inline void softmax_block(float* s, int64_t ld, int rows, int64_t m, int64_t mp, float* lse) {
+  V vm[kMR];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) vm[r] = splat(-INFINITY);
+  int64_t c = 0;
+  for (; c + kW <= m; c += kW)
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) vm[r] = vmax(vm[r], load(s + r * ld + c));
+  float mx[kMR];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) {
+    float* row = s + r * ld;
+    mx[r] = hmax(vm[r]);
+    for (int64_t t = c; t < m; ++t) mx[r] = fmax2(row[t], mx[r]);
+    for (int64_t t = m; t < mp; ++t) row[t] = -INFINITY;
+  }
+  V vs[kMR];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) vs[r] = splat(0.0f);
+  for (c = 0; c < mp; c += kW)
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const V e = vexp(load(s + r * ld + c) - mx[r]);
+      store(s + r * ld + c, e);
+      vs[r] += e;
+    }
+  V inv[kMR];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) {
+    const float sum = hsum(vs[r]);
+    inv[r] = splat(1.0f / sum);
+    if (r < rows) lse[r] = std::log(sum) + mx[r];
+  }
+  for (c = 0; c < mp; c += kW)
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) store(s + r * ld + c, load(s + r * ld + c) * inv[r]);
+}
+
+// A key tile's logits S (rows x mp, row stride mp) in place to P = exp(S -
+// col_max), with col_max[j] = max_i S[i][j] and col_sum[j] = sum_i P[i][j].
+inline void column_softmax(float* work, int64_t rows, int64_t mp, float* col_max, float* col_sum) {
+  for (int64_t c = 0; c < mp; c += kW) store(col_max + c, splat(-INFINITY));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = work + r * mp;
+    for (int64_t c = 0; c < mp; c += kW) store(col_max + c, vmax(load(col_max + c), load(row + c)));
+  }
+  for (int64_t c = 0; c < mp; c += kW) store(col_sum + c, splat(0.0f));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = work + r * mp;
+    for (int64_t c = 0; c < mp; c += kW) {
+      const V e = vexp(load(row + c) - load(col_max + c));
+      store(row + c, e);
+      store(col_sum + c, load(col_sum + c) + e);
+    }
+  }
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #if defined(NYSTROM_X86_SIMD)
@@ -20,6 +21,8 @@ namespace {
 struct Features {
   bool avx2 = false;       // AVX2, FMA and F16C (ymm state)
   bool avx512f = false;    // AVX-512F (zmm and mask state)
+  bool avx512bf16 = false; // AVX512-BF16 (vdpbf16ps) with AVX512-BW/VL
+  bool amd = false;        // vendor "AuthenticAMD"
 };
 
 Features read_features() {
@@ -35,6 +38,12 @@ Features read_features() {
   __cpuid_count(7, 0, a, b, c, d);
   f.avx2 = ymm && fma && f16c && (b & (1u << 5));
   f.avx512f = f.avx2 && zmm && (b & (1u << 16));
+  const bool bw = b & (1u << 30), vl = b & (1u << 31);
+  __cpuid_count(7, 1, a, b, c, d);
+  f.avx512bf16 = f.avx512f && bw && vl && (a & (1u << 5));
+  unsigned vendor[4] = {};
+  __get_cpuid(0, &vendor[3], &vendor[0], &vendor[2], &vendor[1]);  // ebx, edx, ecx spell the vendor
+  f.amd = std::memcmp(vendor, "AuthenticAMD", 12) == 0;
   return f;
 }
 
@@ -77,6 +86,42 @@ Isa isa() {
     if (verbose != nullptr && *verbose != '\0' && std::string(verbose) != "0") {
       std::fprintf(stderr, "torch-nystrom: CPU kernels: %s (best on this CPU: %s; NYSTROM_CPU_SIMD=\"%s\")\n",
                    isa_name(pick), isa_name(best), want.c_str());
+    }
+    return pick;
+  }();
+  return chosen;
+}
+
+bool cpu_has_bf16_products() {
+#if defined(NYSTROM_X86_SIMD) && defined(NYSTROM_BF16_KERNELS)
+  return features().avx512bf16;
+#else
+  return false;
+#endif
+}
+
+bool bf16_products() {
+  static const bool chosen = [] {
+    const bool has = isa() == Isa::kAvx512 && cpu_has_bf16_products();
+    const char* env = std::getenv("NYSTROM_CPU_BF16");
+    const std::string want = env == nullptr ? "" : env;
+#if defined(NYSTROM_X86_SIMD) && defined(NYSTROM_BF16_KERNELS)
+    bool pick = has && features().amd;
+#else
+    bool pick = false;
+#endif
+    if (want == "1") {
+      pick = has;
+    } else if (want == "0") {
+      pick = false;
+    } else if (!want.empty()) {
+      std::fprintf(stderr, "torch-nystrom: NYSTROM_CPU_BF16=\"%s\" is not one of 0, 1; using %s\n", want.c_str(),
+                   pick ? "1" : "0");
+    }
+    const char* verbose = std::getenv("NYSTROM_CPU_SIMD_VERBOSE");
+    if (verbose != nullptr && *verbose != '\0' && std::string(verbose) != "0") {
+      std::fprintf(stderr, "torch-nystrom: bfloat16 products on vdpbf16ps: %s (CPU has them: %s; NYSTROM_CPU_BF16=\"%s\")\n",
+                   pick ? "yes" : "no", has ? "yes" : "no", want.c_str());
     }
     return pick;
   }();

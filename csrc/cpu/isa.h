@@ -17,13 +17,17 @@
 // Any other value is reported once on stderr and treated as unset. With
 // NYSTROM_CPU_SIMD_VERBOSE=1 the decision is printed on stderr once.
 //
-// No level of its own (yet) for AVX512-BF16 (vdpbf16ps), AVX512-FP16 or AMX:
-// half-precision rows are converted to float32 as they are read and multiplied
-// on the FMA units, so that the statistics and every product keep float32
-// accuracy (docs/DESIGN.md §5). An experiment on an Intel Xeon with
-// AVX512-BF16 and no AMX (not kept) ran a vdpbf16ps forward tile 1.4x slower
-// than the float32 kernel and doubled the error against float64, because the
-// float32 operands (landmarks, probabilities) had to be rounded to bfloat16.
+// bfloat16 inputs on the avx512 level may in addition multiply on vdpbf16ps
+// (AVX512-BF16; fused_bf16.h): the float32 operands of the long products
+// (landmarks, probabilities, W) are rounded to bfloat16, the sums, statistics
+// and the pseudoinverse stay float32 (docs/DESIGN.md §5, §6). Chosen by
+// bf16_products(): by default where the CPU has AVX512-BF16 and is an AMD one
+// (Zen 4 runs vdpbf16ps at twice the multiply-adds of its FMA per cycle; an
+// Intel Xeon without AMX ran it 1.4x slower than the float32 kernel, since
+// there it issues at half the FMA rate). NYSTROM_CPU_BF16=1 turns it on
+// wherever the CPU has it, =0 off. float16 has no such level: AVX512-FP16
+// multiplies in float16 (no float32 sums), so its rows are converted to
+// float32 as they are read, as are bfloat16 rows where the level is off.
 #pragma once
 
 namespace nystrom::cpu {
@@ -36,6 +40,15 @@ enum class Isa : int {
 
 /// The instruction set of this process's fused kernels (decided once).
 Isa isa();
+
+/// Whether this build has the vdpbf16ps kernels (fused_bf16.h) and this CPU
+/// (and its OS) runs AVX512-BF16 with AVX512-BW/VL, ignoring NYSTROM_CPU_BF16.
+bool cpu_has_bf16_products();
+
+/// Whether bfloat16 inputs multiply on vdpbf16ps in this process (decided
+/// once; needs isa() == Isa::kAvx512): the CPU has them and, unless
+/// NYSTROM_CPU_BF16 says otherwise, is an AMD one.
+bool bf16_products();
 
 /// Floats per vector register of `i` (0 for kNone).
 int vector_floats(Isa i);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "cpu/fused.h"
+#include "cpu/fused_bf16.h"
 #include "cpu/isa.h"
 #include "cpu/tiles.h"
 #include "element.h"
@@ -250,6 +251,41 @@ inline Tensor unit_rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64
     return x_bh.narrow(0, r0, r1 - r0);
   Tensor out = scratch(slot, r1 - r0, ld, x_bh.options().dtype(at::kFloat));
   fused::load_rows(rows_of(x_bh, idx), r0, r1 - r0, x_bh.size(1), out.data_ptr<float>(), ld, ld);
+  return out;
+}
+
+/// The data of a bfloat16 tensor, and of a pairs tensor (pair_heads), as the
+/// fused_bf16.h kernels take them.
+inline const uint16_t* half_ptr(const Tensor& x) { return static_cast<const uint16_t*>(x.data_ptr()); }
+inline uint32_t* pair_ptr(const Tensor& x) { return reinterpret_cast<uint32_t*>(x.data_ptr<int32_t>()); }
+
+/// Real rows [r0, r1) of the bfloat16 x_bh as bfloat16 rows with unit column
+/// stride and d + d % 2 elements readable, the one past d zero when d is odd
+/// (the pairs of fused_bf16.h): a view where the rows are so already, else
+/// gathered into scratch slot `slot`.
+inline Tensor half_rows(const Tensor& x_bh, const Tensor& idx, int64_t r0, int64_t r1, int slot, int64_t d) {
+  if (!idx.defined() && x_bh.stride(1) == 1 && d % 2 == 0) return x_bh.narrow(0, r0, r1 - r0);
+  Tensor out = scratch(slot, r1 - r0, d + d % 2, x_bh.options());
+  if (d % 2 != 0) out.narrow(1, d, 1).zero_();
+  Tensor dst = out.narrow(1, 0, d);
+  if (idx.defined()) {
+    at::index_select_out(dst, x_bh, 0, idx.narrow(0, r0, r1 - r0));
+  } else {
+    dst.copy_(x_bh.narrow(0, r0, r1 - r0));
+  }
+  return out;
+}
+
+/// The packed float32 operands of pack_heads (B, H, r, c), c a multiple of
+/// fused::kPadColumns, as bfloat16 pairs (B, H, ceil(r / 2), c) for the
+/// vdpbf16ps kernels (fused::bf16::pack_pairs).
+inline Tensor pair_heads(const Tensor& packed) {
+  const int64_t B = packed.size(0), H = packed.size(1), r = packed.size(2), c = packed.size(3);
+  Tensor out = at::empty({B, H, (r + 1) / 2, c}, packed.options().dtype(at::kInt));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      fused::bf16::pack_pairs(packed[b][h].data_ptr<float>(), c, r, c,
+                              reinterpret_cast<uint32_t*>(out[b][h].data_ptr<int32_t>()), c);
   return out;
 }
 

@@ -64,6 +64,7 @@ def collect() -> Dict[str, Any]:
         "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "NYSTROM_CPU_SIMD": os.environ.get("NYSTROM_CPU_SIMD"),
+        "NYSTROM_CPU_BF16": os.environ.get("NYSTROM_CPU_BF16"),
         "NYSTROM_LIBRARY": os.environ.get("NYSTROM_LIBRARY"),
     }
 
@@ -85,6 +86,11 @@ def report(info: Dict[str, Any]) -> str:
         lines.append(f"  CPU kernels built for: {', '.join(cpu['isa_built']) or 'no vector instruction set'}; "
                      f"best on this CPU: {cpu['isa_available']}; chosen: {cpu['isa_chosen']} "
                      f"(NYSTROM_CPU_SIMD={info['NYSTROM_CPU_SIMD'] or 'unset'}); {omp}")
+        if "bf16_products" in cpu:
+            has = "have" if cpu["bf16_products_available"] else "do not have"
+            use = "on" if cpu["bf16_products"] else "off"
+            lines.append(f"  bfloat16 products on vdpbf16ps: {use} (this CPU and build {has} them; "
+                         f"NYSTROM_CPU_BF16={info['NYSTROM_CPU_BF16'] or 'unset'})")
     elif "error" not in built:
         lines.append("  no CPU kernels in this library")
     cuda = built.get("cuda")

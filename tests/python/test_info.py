@@ -42,6 +42,19 @@ def test_chosen_instruction_set_follows_the_environment():
         assert json.loads(run_info("--json", NYSTROM_CPU_SIMD="avx2"))["built"]["cpu"]["isa_chosen"] == "avx2"
 
 
+@pytest.mark.skipif(torch_nystrom.emulated(), reason="the emulated library has no CPU kernels")
+def test_bfloat16_products_follow_the_environment():
+    cpu = json.loads(run_info("--json"))["built"]["cpu"]
+    assert not cpu["bf16_products"] or cpu["bf16_products_available"]
+    on = json.loads(run_info("--json", NYSTROM_CPU_BF16="1"))["built"]["cpu"]
+    assert on["bf16_products"] == cpu["bf16_products_available"]
+    assert json.loads(run_info("--json", NYSTROM_CPU_BF16="0"))["built"]["cpu"]["bf16_products"] is False
+    # they need the avx512 level
+    assert json.loads(run_info("--json", NYSTROM_CPU_BF16="1", NYSTROM_CPU_SIMD="avx2"))["built"]["cpu"][
+        "bf16_products"] is False
+    assert "bfloat16 products on vdpbf16ps: " in run_info(NYSTROM_CPU_BF16="1")
+
+
 def test_json_agrees_with_the_package():
     info = json.loads(run_info("--json"))
     assert info["built"]["version"] == torch_nystrom.__version__ == info["torch_nystrom"]

@@ -1,0 +1,178 @@
+// The bfloat16 forward tile kernels of fused_bf16.h, compiled with
+// -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -mfma -mf16c where the compiler
+// takes them (CMakeLists.txt; isa.cpp then knows they exist). The vector
+// primitives (exponential, softmax of a row, column statistics) are fused_simd.h's,
+// built here once more for this instruction set.
+#include "cpu/fused_bf16.h"
+
+#include <cstdlib>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__)
+#define NYSTROM_SIMD_NS bf16
+#define NYSTROM_SIMD_WIDTH 16
+#include "cpu/fused_simd.h"
+
+namespace nystrom::cpu::fused::bf16 {
+namespace {
+
+// permutexvar index that interleaves the low 16 and the high 16 halves of a
+// vector: element 2t <- t, element 2t + 1 <- 16 + t.
+alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// 16 pairs: the bfloat16 roundings (nearest even) of a[t] (low half) and b[t].
+inline __m512i pair_up(__m512 a, __m512 b) {
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // a's in the low 256 bits, b's in the high
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), both);
+}
+
+// The 32 bits at p (any alignment) in every lane.
+inline __m512i broadcast_pair(const char* p) {
+  uint32_t x;
+  std::memcpy(&x, p, sizeof x);
+  return _mm512_set1_epi32(static_cast<int>(x));
+}
+
+// c[r][0 .. n) (row r at c + r * ldc) = sum over kp < KP of the pair at
+// a[r] + kp * ak (bytes) times the pairs b[kp * ldb + (0 .. n)], for r < rows
+// (<= kMR), n <= NV * 16: one register block, as block() of fused_simd.h;
+// with accumulate, c's values are the starting sums. b's rows are readable up
+// to NV * 16 pairs; a[r] for r >= rows must be readable (their sums are dropped).
+template <int NV>
+inline void pair_block(const char* const* a, int rows, int64_t ak, int64_t KP, const uint32_t* b, int64_t ldb,
+                       float* c, int64_t ldc, int64_t n, bool accumulate) {
+  __m512 acc[kMR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+  if (accumulate) {
+    alignas(64) float tmp[NV * 16] = {};
+    for (int r = 0; r < rows; ++r) {
+      std::memcpy(tmp, c + r * ldc, n * sizeof(float));
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_load_ps(tmp + j * 16);
+    }
+  }
+  const char* ar[kMR];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) ar[r] = a[r];
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    __m512bh bv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + j * 16);
+    const int64_t o = kp * ak;
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const __m512bh x = (__m512bh)broadcast_pair(ar[r] + o);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, bv[j]);
+    }
+    b += ldb;
+  }
+  alignas(64) float tmp[NV * 16];
+  for (int r = 0; r < rows; ++r) {
+    if (n == NV * 16) {
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + r * ldc + j * 16, acc[r][j]);
+    } else {
+      for (int j = 0; j < NV; ++j) _mm512_store_ps(tmp + j * 16, acc[r][j]);
+      std::memcpy(c + r * ldc, tmp, n * sizeof(float));
+    }
+  }
+}
+
+// c[r][0 .. cols) for r < rows = the pair rows a (as in pair_block) times the
+// (KP x cols) pairs b (row stride ldb, readable up to the next multiple of 16).
+inline void pair_product(const char* const* a, int rows, int64_t ak, int64_t KP, const uint32_t* b, int64_t ldb,
+                         int64_t cols, float* c, int64_t ldc, bool accumulate = false) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kNV * 16) {
+    const int64_t n = cols - c0 < kNV * 16 ? cols - c0 : kNV * 16;
+    switch ((n + 15) / 16) {
+      case 1: pair_block<1>(a, rows, ak, KP, b + c0, ldb, c + c0, ldc, n, accumulate); break;
+      case 2: pair_block<2>(a, rows, ak, KP, b + c0, ldb, c + c0, ldc, n, accumulate); break;
+      case 3: pair_block<3>(a, rows, ak, KP, b + c0, ldb, c + c0, ldc, n, accumulate); break;
+      default: pair_block<4>(a, rows, ak, KP, b + c0, ldb, c + c0, ldc, n, accumulate); break;
+    }
+  }
+}
+
+// Byte addresses of rows r0 .. r0 + kMR of x (row stride ld bytes); rows
+// past `rows` repeat row r0.
+inline int pair_row_block(const void* x, int64_t ld, int64_t r0, int64_t rows, const char* (&p)[kMR]) {
+  const int n = rows - r0 < kMR ? static_cast<int>(rows - r0) : kMR;
+  for (int r = 0; r < kMR; ++r) p[r] = static_cast<const char*>(x) + (r0 + (r < n ? r : 0)) * ld;
+  return n;
+}
+
+}  // namespace
+
+void pack_pairs(const float* src, int64_t lds, int64_t K, int64_t N, uint32_t* dst, int64_t ldd) {
+  for (int64_t kp = 0; kp < (K + 1) / 2; ++kp) {
+    const float* a = src + 2 * kp * lds;
+    const bool two = 2 * kp + 1 < K;
+    for (int64_t j = 0; j < ldd; j += 16) {
+      const int64_t valid = N - j < 0 ? 0 : (N - j > 16 ? 16 : N - j);
+      const __mmask16 mask = valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1u);
+      const __m512 x = _mm512_maskz_loadu_ps(mask, a + j);
+      const __m512 y = two ? _mm512_maskz_loadu_ps(mask, a + lds + j) : _mm512_setzero_ps();
+      _mm512_storeu_si512(dst + kp * ldd + j, pair_up(x, y));
+    }
+  }
+}
+
+void attend_rows(const uint16_t* q, int64_t ldq, int64_t rows, int64_t D, const uint32_t* kTp, int64_t m,
+                 int64_t mp, const uint32_t* wp, int64_t ldw, int64_t Dv, float* out, int64_t ldo, float* lse) {
+  alignas(64) float s[kMR][kMaxLandmarksFused];
+  alignas(64) uint16_t p16[kMR][kMaxLandmarksFused];
+  const int64_t KP = (D + 1) / 2;
+  for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+    const char* qr[kMR];
+    const int n = pair_row_block(q, ldq * 2, r0, rows, qr);
+    // logits of the block: (n x m) = q rows · kT (rows >= n repeat row 0's)
+    pair_product(qr, kMR, 4, KP, kTp, mp, mp, &s[0][0], kMaxLandmarksFused);
+    softmax_block(&s[0][0], kMaxLandmarksFused, n, m, mp, lse + r0);
+    const char* pr[kMR];
+    for (int r = 0; r < kMR; ++r) {
+      pr[r] = reinterpret_cast<const char*>(p16[r < n ? r : 0]);
+      if (r >= n) continue;
+      for (int64_t c = 0; c < mp; c += 16)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p16[r] + c), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(s[r] + c)));
+    }
+    // out rows = p · w
+    pair_product(pr, n, 4, mp / 2, wp, ldw, Dv, out + r0 * ldo, ldo);
+  }
+}
+
+void key_tile(const uint16_t* k, int64_t ldk, const float* v, int64_t ldv, int64_t rows, int64_t D, int64_t Dv,
+              const uint32_t* qTp, int64_t m, int64_t mp, float* work, float* col_max, float* col_sum, float* pv,
+              int64_t ldpv) {
+  const int64_t KP = (D + 1) / 2;
+  // S = k rows · qT: (rows x mp) in work
+  for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+    const char* kr[kMR];
+    const int n = pair_row_block(k, ldk * 2, r0, rows, kr);
+    pair_product(kr, n, 4, KP, qTp, mp, mp, work + r0 * mp, mp);
+  }
+  column_softmax(work, rows, mp, col_max, col_sum);
+  // pv (m x Dv) = Pᵀ · v in float32 (P unrounded: see fused_bf16.h)
+  product_tn(work, mp, m, rows, v, ldv, Dv, pv, ldpv);
+}
+
+}  // namespace nystrom::cpu::fused::bf16
+
+#else
+
+// Built without AVX512-BF16 support in the compiler: bf16_products() (isa.h)
+// is then false, so nothing calls these.
+namespace nystrom::cpu::fused::bf16 {
+void pack_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) { std::abort(); }
+void attend_rows(const uint16_t*, int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*,
+                 int64_t, int64_t, float*, int64_t, float*) {
+  std::abort();
+}
+void key_tile(const uint16_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, const uint32_t*, int64_t,
+              int64_t, float*, float*, float*, float*, int64_t) {
+  std::abort();
+}
+}  // namespace nystrom::cpu::fused::bf16
+
+#endif

@@ -1,0 +1,49 @@
+// Internal: the forward tile kernels of fused.h for bfloat16 inputs, with the
+// long products on vdpbf16ps (AVX512-BF16). Torch-free; built once, from
+// fused_bf16.cpp with -mavx512bf16. Callers check bf16_products() (isa.h).
+//
+// vdpbf16ps multiplies pairs of bfloat16 numbers and adds both products to a
+// float32 lane: 32 multiply-adds per instruction against the FMA's 16. Its
+// right operand holds, in each 32-bit lane, the elements of two consecutive
+// rows of one column ("pairs"); its left operand is one such pair broadcast.
+// The bfloat16 inputs (q, k, v) enter as they are; the float32 operands
+// (landmarks; the query side's probabilities and W) are rounded to bfloat16
+// once, to nearest even.
+// Sums, softmax statistics and log-sum-exps stay float32, and so does the
+// pseudoinverse (it is not computed here). docs/DESIGN.md §5 states the error
+// this adds; test_cpu_paths.py bounds it.
+#pragma once
+
+#include <cstdint>
+
+namespace nystrom::cpu::fused::bf16 {
+
+/// dst (ceil(K / 2) rows of ldd 32-bit pairs): pair (kp, j) holds the bfloat16
+/// roundings of src[2 kp][j] (low half) and src[2 kp + 1][j] (high half), for
+/// j < N; zero halves for rows >= K and pairs for columns N <= j < ldd. src:
+/// K x N floats, row stride lds.
+void pack_pairs(const float* src, int64_t lds, int64_t K, int64_t N, uint32_t* dst, int64_t ldd);
+
+/// attend_rows of fused.h for bfloat16 query rows q_i (q + i * ldq elements;
+/// D + D % 2 readable, element D zero when D is odd):
+///   s = q_i · kT over the first m of mp columns, kTp = pack_pairs of kT (D x mp,
+///   the softmax scale folded in, mp a multiple of 16, <= kMaxLandmarksFused);
+///   lse[i] = log(sum exp s); out_i (out + i * ldo, Dv floats) = softmax(s) · w,
+///   wp = pack_pairs of w (mp x ldw floats, ldw >= Dv rounded up to 16).
+void attend_rows(const uint16_t* q, int64_t ldq, int64_t rows, int64_t D, const uint32_t* kTp, int64_t m,
+                 int64_t mp, const uint32_t* wp, int64_t ldw, int64_t Dv, float* out, int64_t ldo, float* lse);
+
+/// key_tile of fused.h with the logits on vdpbf16ps, for bfloat16 key rows
+/// k_i (k + i * ldk elements, as q above) and float32 value rows v_i (v + i *
+/// ldv, readable up to Dv rounded up to 16):
+///   S = k · qT (qTp = pack_pairs of qT, D x mp) into work (rows x mp floats);
+///   col_max, col_sum (mp floats) and P = exp(S - col_max) in work as there;
+///   pv (m x Dv floats, row stride ldpv) = Pᵀ · v in float32.
+/// Pᵀ · v stays on the FMA units with P unrounded: the backward's key pass
+/// subtracts rowsum(dbv ∘ bv) from v · dbvᵀ, and a bv from bfloat16-rounded P
+/// made that difference (and dk) up to 3.4x less accurate in the tests.
+void key_tile(const uint16_t* k, int64_t ldk, const float* v, int64_t ldv, int64_t rows, int64_t D, int64_t Dv,
+              const uint32_t* qTp, int64_t m, int64_t mp, float* work, float* col_max, float* col_sum, float* pv,
+              int64_t ldpv);
+
+}  // namespace nystrom::cpu::fused::bf16
