@@ -51,22 +51,6 @@ __device__ __forceinline__ void tc_stage_landmarks(T* dst, const float* src, int
   }
 }
 
-// A warp's 16 owner rows of width W (rows >= n zero), 16 bytes at a time.
-template <typename T, int W>
-__device__ __forceinline__ void tc_stage_rows(T* dst, const RowsView& x, int b, int h, int x0, int n) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int it = 0; it < kTcRows * W / 8 / 32; ++it) {
-    const int i = lane + 32 * it;
-    const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
-    if (x0 + rr < n) {
-      copy8(dst + rr * W + c8, row_ptr<T>(x, b, h, x0 + rr) + c8);
-    } else {
-      zero8(dst + rr * W + c8);
-    }
-  }
-}
-
 // acc (64 x W, float, ld W) += Σ_warps Lᵀ·R over the block's 64 owner rows:
 // L is each warp's 16 x 64 left factor (dS or P, ld 64) read as a col_major
 // matrix_a (its transpose), R its 16 x W owner rows (ld W). The 4·W/16 output
@@ -151,8 +135,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
 
   for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
     const int x0 = xb + warp * kTcRows;  // this warp's rows (all padding past nx: zeros, F = 0)
-    tc_stage_rows<T, D>(sQ, a.x, b, h, x0, nx);
-    tc_stage_rows<T, DV>(sG, a.g, b, h, x0, nx);
+    tc_stage_rows<T, D, kTcRows, 32>(sQ, a.x, b, h, x0, nx, lane);
+    tc_stage_rows<T, DV, kTcRows, 32>(sG, a.g, b, h, x0, nx, lane);
     const bool row_ok = x0 + r < nx;
     const float lse_r = row_ok ? lse[position(a.x.index, a.x.npad, b, x0 + r)] : 0.0f;
     __syncwarp();
@@ -244,8 +228,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
 
   for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
     const int x0 = xb + warp * kTcRows;
-    tc_stage_rows<T, D>(sK, a.x, b, h, x0, nx);
-    tc_stage_rows<T, DV>(sV, a.g, b, h, x0, nx);
+    tc_stage_rows<T, D, kTcRows, 32>(sK, a.x, b, h, x0, nx, lane);
+    tc_stage_rows<T, DV, kTcRows, 32>(sV, a.g, b, h, x0, nx, lane);
     const bool row_ok = x0 + r < nx;
     __syncwarp();
     tc_logits<T, D>(sK, sL, sS);

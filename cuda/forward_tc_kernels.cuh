@@ -102,6 +102,26 @@ __device__ __forceinline__ void store8(T* dst, const float* src) {
   }
 }
 
+// ROWS owner rows x0 .. x0 + ROWS - 1 of width W into dst (ld W), rows >= n
+// zero, 16 bytes at a time by THREADS threads (t: this thread's index among
+// them; a warp's 16 rows with t = lane, a block's 64 with t = threadIdx.x).
+// The trip count is known at compile time (W / 16 chunks per thread for a
+// warp's rows): all of a thread's loads are issued before the first is used.
+template <typename T, int W, int ROWS, int THREADS>
+__device__ __forceinline__ void tc_stage_rows(T* dst, const RowsView& x, int b, int h, int x0, int n, int t) {
+  static_assert((ROWS * W / 8) % THREADS == 0, "whole 16-byte chunks per thread");
+#pragma unroll
+  for (int it = 0; it < ROWS * W / 8 / THREADS; ++it) {
+    const int i = t + THREADS * it;
+    const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
+    if (x0 + rr < n) {
+      copy8(dst + rr * W + c8, row_ptr<T>(x, b, h, x0 + rr) + c8);
+    } else {
+      zero8(dst + rr * W + c8);
+    }
+  }
+}
+
 // The softmax of a warp's 16 x 64 logits runs on lane pairs: lane l owns row
 // r = l >> 1 and the 32 columns half·32 + c' of half = l & 1. At step i it
 // takes column c' = (i + l) mod 32 (tc_column): sS (float, row stride 64 =
@@ -197,16 +217,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
   for (int tile = 0; tile < tiles_per_block; ++tile) {
     const int x0 = first + tile * BR + warp * kTcRows;  // this warp's first row
     if (x0 >= nx) break;                                // warp-uniform
-#pragma unroll
-    for (int it = 0; it < kTcRows * D / 8 / 32; ++it) {  // 16-byte chunks, 8 per lane at D = 128
-      const int i = lane + 32 * it;
-      const int rr = i / (D / 8), c8 = (i % (D / 8)) * 8;
-      if (x0 + rr < nx) {
-        copy8(sQ + rr * D + c8, row_ptr<T>(a.x, b, h, x0 + rr) + c8);
-      } else {
-        zero8(sQ + rr * D + c8);
-      }
-    }
+    tc_stage_rows<T, D, kTcRows, 32>(sQ, a.x, b, h, x0, nx, lane);  // 8 chunks per lane at D = 128
     __syncwarp();
     tc_logits<T, D>(sQ, sK, sS);
     __syncwarp();
@@ -287,28 +298,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
 
   for (int c0 = y0; c0 < y1; c0 += kTcSlots) {
     __syncthreads();  // the previous chunk is consumed (and sQ is loaded)
-    // 16-byte chunks, a trip count known at compile time (8 at D = 128): all
-    // of a thread's loads of the chunk are issued before the first is used
-#pragma unroll
-    for (int it = 0; it < kTcSlots * D / 8 / (kTcWarps * 32); ++it) {
-      const int i = tid + it * kTcWarps * 32;
-      const int rr = i / (D / 8), c8 = (i % (D / 8)) * 8;
-      if (c0 + rr < y1) {
-        copy8(sK + rr * D + c8, row_ptr<T>(a.y, b, h, c0 + rr) + c8);
-      } else {
-        zero8(sK + rr * D + c8);
-      }
-    }
-#pragma unroll
-    for (int it = 0; it < kTcSlots * DV / 8 / (kTcWarps * 32); ++it) {
-      const int i = tid + it * kTcWarps * 32;
-      const int rr = i / (DV / 8), c8 = (i % (DV / 8)) * 8;
-      if (c0 + rr < y1) {
-        copy8(sV + rr * DV + c8, row_ptr<T>(a.v, b, h, c0 + rr) + c8);
-      } else {
-        zero8(sV + rr * DV + c8);
-      }
-    }
+    // 16-byte chunks, 8 per thread at D = 128 (tc_stage_rows)
+    tc_stage_rows<T, D, kTcSlots, kTcWarps * 32>(sK, a.y, b, h, c0, y1, tid);
+    tc_stage_rows<T, DV, kTcSlots, kTcWarps * 32>(sV, a.v, b, h, c0, y1, tid);
     __syncthreads();
     tc_logits<T, D>(sQw, sK, sS);
     __syncwarp();

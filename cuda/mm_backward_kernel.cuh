@@ -92,6 +92,23 @@ __device__ __forceinline__ void mm_store(A* dst, int r0, int q0, const A t[4][4]
     for (int j = 0; j < 4; ++j) dst[(r0 + i) * LD + q0 + j] = f(r0 + i, q0 + j, t[i][j]);
 }
 
+// The thread's 4 x 4 tile of out (ld LD) = mul · X·Yᵀ over K columns, from
+// global rows X (rows x K) and Y (cols x K); entries off rows x cols are 0.
+template <typename A>
+__device__ __forceinline__ void row_products_tile(A* out, int LD, int r0, int q0, int rows, int cols, const A* X,
+                                                  const A* Y, int K, A mul) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = r0 + i, q = q0 + j;
+      A s = A(0);
+      if (r < rows && q < cols)
+        for (int k = 0; k < K; ++k) s += X[static_cast<int64_t>(r) * K + k] * Y[static_cast<int64_t>(q) * K + k];
+      out[r * LD + q] = s * mul;
+    }
+}
+
 template <typename A, int MP>
 __global__ void __launch_bounds__(mm_threads<MP>()) mm_backward_kernel(MmBackwardArgs a) {
   constexpr int NT = mm_threads<MP>(), LD = mm_ld<MP>(), TPR = MP / 4;
@@ -153,16 +170,7 @@ __global__ void __launch_bounds__(mm_threads<MP>()) mm_backward_kernel(MmBackwar
   A t[4][4], u[4][4];
 
   // A = softmax(scale q̃ k̃ᵀ) over the mk real columns, rows >= mq zero.
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = r0 + i, q = q0 + j;
-      A s = A(0);
-      if (r < mq && q < mk)
-        for (int d = 0; d < D; ++d) s += qlm[static_cast<int64_t>(r) * D + d] * klm[static_cast<int64_t>(q) * D + d];
-      sA[r * LD + q] = s * scale;
-    }
+  row_products_tile<A>(sA, LD, r0, q0, mq, mk, qlm, klm, D, scale);
   __syncthreads();
   if (tid < MP) {
     A* row = sA + tid * LD;
@@ -247,16 +255,7 @@ __global__ void __launch_bounds__(mm_threads<MP>()) mm_backward_kernel(MmBackwar
     for (int k = 0; k < ms; ++k) s += sZ[k * LD + r] * dw[static_cast<int64_t>(k) * Dv + j];
     dbv[i] = s;
   }
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = r0 + i, q = q0 + j;
-      A s = A(0);
-      if (r < ms && q < ms)
-        for (int k = 0; k < Dv; ++k) s += dw[static_cast<int64_t>(r) * Dv + k] * bvh[static_cast<int64_t>(q) * Dv + k];
-      sdZ[r * LD + q] = s;
-    }
+  row_products_tile<A>(sdZ, LD, r0, q0, ms, ms, dw, bvh, Dv, A(1));
   __syncthreads();  // dbv is written (global, read back by this block)
   for (int r = tid; r < ms; r += NT) {
     A s = A(0);
