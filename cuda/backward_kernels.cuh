@@ -22,6 +22,11 @@ struct BackwardArgs {
   void* out2;           // dv (key side), acc, (B*H, S, Dv)
   void* part1;          // part_dkl (query side) or part_dql (key side): (B*H, groups, ms, D)
   void* part2;          // part_dw (query side): (B*H, groups, ms, Dv)
+  // The tensor-core passes that write gradients in the input dtype
+  // (backward_tc_kernels.cuh): the landmark gradients whose shares they add,
+  // float32 (B*H, ms, ·): dk̃ and dW (key side), dq̃ (dq pass).
+  const void* share1;
+  const void* share2;
 };
 
 // Query side. Per query tile: a first sweep over the landmarks computes

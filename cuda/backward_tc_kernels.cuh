@@ -16,6 +16,15 @@
 // on the query side, q̃, dbv on the key side) once per block, as the forward
 // does, and P and dS as left operands of the products (as the forward rounds
 // P). The bound this gives, and its test: docs/DESIGN.md §7.
+//
+// The gradients are written once, in T (docs/DESIGN.md §7, "gradients in the
+// input dtype"): the key side writes dk and dv of every element, the share
+// dk̃ / segment size of each key's landmark added in float32 before the one
+// rounding (exact elements: dk̃ and dW of their single-token segments; padded
+// and empty rows: zeros). dq needs dq̃, which is complete only after the key
+// side: the query side stores its rounded dS rows (T, 64 columns, what the dq
+// product multiplies anyway) and tc_backward_dq_kernel, the last pass, forms
+// dq = scale·dS·k̃ + dq̃ / segment size and rounds it once.
 #pragma once
 
 #include "backward_kernels.cuh"
@@ -76,15 +85,81 @@ __device__ __forceinline__ void tc_landmark_partials(float* acc, const T* L0, si
   }
 }
 
-// A warp's 16 x W float product rows (ld W), times `mul`, to float rows of a
-// (B*H, npad, W) tensor at the rows' positions.
-template <int W>
-__device__ __forceinline__ void tc_write_rows(float* dst, const float* src, float mul, const int* index, int npad,
-                                              int b, int x0, int n) {
+// The landmark share of token r of n cut into ms segments: 1 / its segment's
+// size, and the segment (the spread_kernel's arithmetic).
+__device__ __forceinline__ float tc_segment_share(int r, int n, int ms, int64_t* seg) {
+  *seg = segment_of(r, n, ms);
+  return 1.0f / static_cast<float>(segment_start(*seg + 1, n, ms) - segment_start(*seg, n, ms));
+}
+
+// A warp's 16 x W float product rows (ld W) to T rows of a head's contiguous
+// (npad, W) gradient at the rows' positions: mul·src, plus, where share is
+// given, the row's landmark row share[segment] (ms segments of the n real rows)
+// / segment size, in float32; rounded to T once. 16 bytes per lane and store.
+template <typename T, int W>
+__device__ __forceinline__ void tc_store_rows(T* dst, const float* src, float mul, const float* share, int ms,
+                                              const int* index, int npad, int b, int x0, int n) {
   const int lane = threadIdx.x % 32;
-  for (int i = lane; i < kTcRows * W; i += 32) {
-    const int rr = i / W;
-    if (x0 + rr < n) dst[position(index, npad, b, x0 + rr) * W + i % W] = mul * src[i];
+#pragma unroll
+  for (int it = 0; it < kTcRows * W / 8 / 32; ++it) {
+    const int i = lane + 32 * it;
+    const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
+    const int r = x0 + rr;
+    if (r < n) {
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = mul * src[rr * W + c8 + j];
+      if (share) {
+        int64_t seg;
+        const float inv = tc_segment_share(r, n, ms, &seg);
+        const float* s = share + seg * W + c8;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] += s[j] * inv;
+      }
+      store8(dst + position(index, npad, b, r) * W + c8, v);
+    }
+  }
+}
+
+// Rows n .. npad - 1 of a head's contiguous (npad, W) gradient, at their
+// positions (the index list holds the padded positions after the real ones),
+// to zero; the blocks of the head (blockIdx.x < groups) share the rows.
+template <typename T, int W>
+__device__ __forceinline__ void tc_zero_rows(T* dst, const int* index, int npad, int b, int n, int groups) {
+  const int64_t chunks = static_cast<int64_t>(npad - n) * (W / 8);
+  const int64_t step = static_cast<int64_t>(groups) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks; i += step) {
+    const int r = n + static_cast<int>(i / (W / 8)), c8 = static_cast<int>(i % (W / 8)) * 8;
+    zero8(dst + position(index, npad, b, r) * W + c8);
+  }
+}
+
+// The n real rows of a head's contiguous (npad, W) gradient = src[segment] /
+// segment size (ms segments): the gradient of exact elements' k̃ (= k) and W
+// (= v), whose segments are single tokens. The blocks of the head share the rows.
+template <typename T, int W>
+__device__ __forceinline__ void tc_spread_rows(T* dst, const float* src, int ms, const int* index, int npad, int b,
+                                               int n, int groups) {
+  const int64_t step = static_cast<int64_t>(groups) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < static_cast<int64_t>(n) * W;
+       i += step) {
+    const int r = static_cast<int>(i / W), c = static_cast<int>(i % W);
+    int64_t seg;
+    const float inv = tc_segment_share(r, n, ms, &seg);
+    dst[position(index, npad, b, r) * W + c] = from_acc<T>(src[seg * W + c] * inv);
+  }
+}
+
+// A warp's 16 rounded dS rows (T, ld 64) to rows x0 .. of a head's (L, 64)
+// buffer in real-row order (rows >= n not written: the dq pass reads zeros).
+template <typename T>
+__device__ __forceinline__ void tc_write_ds(T* dst, const T* sDS, int x0, int n) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int it = 0; it < kTcRows * kTcSlots / 8 / 32; ++it) {
+    const int i = lane + 32 * it;
+    const int rr = i / (kTcSlots / 8), c8 = (i % (kTcSlots / 8)) * 8;
+    if (x0 + rr < n) copy8(dst + static_cast<int64_t>(x0 + rr) * kTcSlots + c8, sDS + rr * kTcSlots + c8);
   }
 }
 
@@ -94,11 +169,11 @@ __device__ __forceinline__ void tc_write_partial(float* dst, const float* acc, f
 }
 
 // Query side, every non-empty element. Per warp and tile: S = q k̃ᵀ, dF = dO Wᵀ,
-// F = exp(scale S - lse), delta = Σ F dF, dS = F (dF - delta); dq = scale dS k̃;
+// F = exp(scale S - lse), delta = Σ F dF, dS = F (dF - delta), whose rows
+// (rounded to T) go to the dS buffer a.out1 (B*H, L, 64) for the dq pass;
 // then, for the block's 64 rows, dk̃ += scale dSᵀ q and dW += Fᵀ dO.
 template <typename T, int D, int DV>
 __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(BackwardArgs a) {
-  static_assert(D <= 2 * kTcSlots && DV <= 2 * kTcSlots, "the float product reuses the two logit tiles");
   constexpr int BR = kTcWarps * kTcRows;
   const Problem& p = a.p;
   const int bh = a.bh0 + blockIdx.y, b = bh / p.H, h = bh % p.H;
@@ -119,7 +194,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
   T* sG = sQ + kTcRows * D;                                     // [16][DV] dO
   float* sS = reinterpret_cast<float*>(sG + kTcRows * DV);       // [16][64] S, then F
   float* sF = sS + kTcRows * kTcSlots;                           // [16][64] dF
-  float* sO = sS;                                                // [16][D] dq, over sS and sF
   T* sP = reinterpret_cast<T*>(sF + kTcRows * kTcSlots);         // [16][64]
   T* sDS = sP + kTcRows * kTcSlots;                              // [16][64]
 
@@ -131,7 +205,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
   const float scale = static_cast<float>(p.scale);
   const int r = lane >> 1, half = lane & 1;  // elementwise work: a lane pair per row (tc_column)
   const float* lse = static_cast<const float*>(a.lse) + static_cast<int64_t>(bh) * p.L;
-  float* dq = static_cast<float*>(a.out1) + static_cast<int64_t>(bh) * p.L * D;
+  T* ds = static_cast<T*>(a.out1) + static_cast<int64_t>(bh) * p.L * kTcSlots;
 
   for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
     const int x0 = xb + warp * kTcRows;  // this warp's rows (all padding past nx: zeros, F = 0)
@@ -158,9 +232,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
       sDS[r * kTcSlots + c] = from_acc<T>(f * (sF[r * kTcSlots + c] - delta));
     }
     __syncwarp();
-    tc_product<T, D>(sDS, sK, sO, /*accumulate=*/false);
-    __syncwarp();
-    tc_write_rows<D>(dq, sO, scale, a.x.index, a.x.npad, b, x0, nx);
+    tc_write_ds<T>(ds, sDS, x0, nx);
     __syncthreads();  // every warp's dS, P, q and dO rows are staged
     const size_t stride = kWarpBytes / sizeof(T);
     const T* q0 = reinterpret_cast<const T*>(region(0));
@@ -180,9 +252,11 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
 // softmax runs over the keys of each landmark row, so its statistics (lse_l,
 // delta = rowsum(dbv∘bv)) arrive per landmark column. Per warp and tile:
 // S = k q̃ᵀ, G = v dbvᵀ, F = exp(scale S - lse_l), dS = F (G - delta);
-// dk = scale dS q̃, dv = F dbv; for the block's 64 rows dq̃ += scale dSᵀ k.
-// dk and dv rows of Nyström elements are written, not added to: no earlier
-// step of the backward writes them (backward.cpp, steps 2 and 5).
+// dk = scale dS q̃ + dk̃[segment] / segment size, dv = F dbv, each rounded to T
+// once; for the block's 64 rows dq̃ += scale dSᵀ k. Every element's dk and dv
+// (T, contiguous (B*H, S, ·)) are written here and nowhere else: exact
+// elements' rows get the shares of dk̃ and dW (a.share1, a.share2: their
+// landmarks are their keys and values), padded rows and empty elements zeros.
 template <typename T, int D, int DV>
 __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(BackwardArgs a) {
   static_assert(D <= 2 * kTcSlots && DV <= 2 * kTcSlots, "the float products reuse the two logit tiles");
@@ -190,8 +264,18 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
   const Problem& p = a.p;
   const int bh = a.bh0 + blockIdx.y, b = bh / p.H, h = bh % p.H;
   const Elem e = element(p, b);
-  if (!selected(e, Only::kNystrom)) return;
-  const int nx = e.Sb, ny = e.mq;
+  T* dk = static_cast<T*>(a.out1) + static_cast<int64_t>(bh) * p.S * D;
+  T* dv = static_cast<T*>(a.out2) + static_cast<int64_t>(bh) * p.S * DV;
+  const int64_t lm0 = static_cast<int64_t>(bh) * p.ms;
+  const int nx = selected(e, Only::kAll) ? e.Sb : 0, ny = e.mq;
+  tc_zero_rows<T, D>(dk, a.x.index, p.S, b, nx, a.groups);
+  tc_zero_rows<T, DV>(dv, a.x.index, p.S, b, nx, a.groups);
+  if (e.kind == ElementKind::kExact) {
+    tc_spread_rows<T, D>(dk, static_cast<const float*>(a.share1) + lm0 * D, e.mk, a.x.index, p.S, b, nx, a.groups);
+    tc_spread_rows<T, DV>(dv, static_cast<const float*>(a.share2) + lm0 * DV, e.mk, a.x.index, p.S, b, nx,
+                          a.groups);
+  }
+  if (e.kind != ElementKind::kNystrom) return;
   if (static_cast<int>(blockIdx.x) * BR >= nx) return;
   NYSTROM_DYNAMIC_SHARED(smem_raw);
   T* sL = reinterpret_cast<T*>(smem_raw);          // [64][D] q̃
@@ -211,7 +295,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
   T* sP = reinterpret_cast<T*>(sG + kTcRows * kTcSlots);
   T* sDS = sP + kTcRows * kTcSlots;
 
-  const int64_t lm0 = static_cast<int64_t>(bh) * p.ms;
   tc_stage_landmarks<T, D>(sL, static_cast<const float*>(a.lm) + lm0 * D, ny);
   tc_stage_landmarks<T, DV>(sB, static_cast<const float*>(a.lmv) + lm0 * DV, ny);
   for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) acc[i] = 0.0f;
@@ -223,8 +306,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
   __syncthreads();
   const float scale = static_cast<float>(p.scale);
   const int r = lane >> 1, half = lane & 1;
-  float* dk = static_cast<float*>(a.out1) + static_cast<int64_t>(bh) * p.S * D;
-  float* dv = static_cast<float*>(a.out2) + static_cast<int64_t>(bh) * p.S * DV;
+  const float* dkl = static_cast<const float*>(a.share1) + lm0 * D;
 
   for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
     const int x0 = xb + warp * kTcRows;
@@ -244,11 +326,11 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
     __syncwarp();
     tc_product<T, D>(sDS, sL, sO, /*accumulate=*/false);
     __syncwarp();
-    tc_write_rows<D>(dk, sO, scale, a.x.index, a.x.npad, b, x0, nx);
+    tc_store_rows<T, D>(dk, sO, scale, dkl, e.mk, a.x.index, p.S, b, x0, nx);
     __syncwarp();
     tc_product<T, DV>(sP, sB, sO, /*accumulate=*/false);
     __syncwarp();
-    tc_write_rows<DV>(dv, sO, 1.0f, a.x.index, a.x.npad, b, x0, nx);
+    tc_store_rows<T, DV>(dv, sO, 1.0f, nullptr, e.mk, a.x.index, p.S, b, x0, nx);
     __syncthreads();
     const size_t stride = kWarpBytes / sizeof(T);
     const T* k0 = reinterpret_cast<const T*>(region(0));
@@ -260,6 +342,57 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
   }
   const int64_t slot = static_cast<int64_t>(bh) * a.groups + blockIdx.x;
   tc_write_partial<D>(static_cast<float*>(a.part1) + slot * p.ms * D, acc, scale, ny);
+}
+
+// The dq pass, after the key side (dq̃ complete), every element: dq =
+// scale·dS·k̃ from the query side's rounded dS rows (a.lmv, (B*H, L, 64) in T)
+// and k̃ (a.lm, converted once per block as the query side does), plus, for
+// Nyström elements, dq̃[segment] / segment size (a.share1); rounded to T once
+// into the contiguous (B*H, L, D) dq (a.out1). Padded rows and elements off
+// every path: zeros. a.x: the query rows' view (only its index list is read).
+template <typename T>
+constexpr size_t tc_backward_dq_smem(int D) {
+  return sizeof(T) * kTcSlots * D + kTcWarps * (sizeof(T) * kTcRows * kTcSlots + sizeof(float) * kTcRows * D);
+}
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcWarps * 32) tc_backward_dq_kernel(BackwardArgs a) {
+  constexpr int BR = kTcWarps * kTcRows;
+  const Problem& p = a.p;
+  const int bh = a.bh0 + blockIdx.y, b = bh / p.H;
+  const Elem e = element(p, b);
+  T* dq = static_cast<T*>(a.out1) + static_cast<int64_t>(bh) * p.L * D;
+  const int nx = selected(e, Only::kAll) ? e.Lb : 0, ny = e.mk;
+  tc_zero_rows<T, D>(dq, a.x.index, p.L, b, nx, a.groups);
+  if (static_cast<int>(blockIdx.x) * BR >= nx) return;
+  NYSTROM_DYNAMIC_SHARED(smem_raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T* sK = reinterpret_cast<T*>(smem_raw);                                   // [64][D] k̃
+  T* sDS = sK + kTcSlots * D + warp * kTcRows * kTcSlots;                   // [16][64] this warp's dS
+  float* sO = reinterpret_cast<float*>(sK + kTcSlots * D + kTcWarps * kTcRows * kTcSlots) + warp * kTcRows * D;
+  const int64_t lm0 = static_cast<int64_t>(bh) * p.ms;
+  tc_stage_landmarks<T, D>(sK, static_cast<const float*>(a.lm) + lm0 * D, ny);
+  __syncthreads();
+  const float scale = static_cast<float>(p.scale);
+  const T* ds = static_cast<const T*>(a.lmv) + static_cast<int64_t>(bh) * p.L * kTcSlots;
+  const float* dql = e.kind == ElementKind::kNystrom ? static_cast<const float*>(a.share1) + lm0 * D : nullptr;
+  for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
+    const int x0 = xb + warp * kTcRows;
+#pragma unroll
+    for (int it = 0; it < kTcRows * kTcSlots / 8 / 32; ++it) {
+      const int i = lane + 32 * it;
+      const int rr = i / (kTcSlots / 8), c8 = (i % (kTcSlots / 8)) * 8;
+      if (x0 + rr < nx) {
+        copy8(sDS + rr * kTcSlots + c8, ds + static_cast<int64_t>(x0 + rr) * kTcSlots + c8);
+      } else {
+        zero8(sDS + rr * kTcSlots + c8);
+      }
+    }
+    __syncwarp();
+    tc_product<T, D>(sDS, sK, sO, /*accumulate=*/false);
+    __syncwarp();
+    tc_store_rows<T, D>(dq, sO, scale, dql, e.mq, a.x.index, p.L, b, x0, nx);
+    __syncwarp();  // sDS and sO are consumed before the next tile
+  }
 }
 
 }  // namespace kern

@@ -324,9 +324,6 @@ cudaError_t backward_query_t(const Problem& p, RowsView q, RowsView dout, const 
   a.out1 = dq;
   a.part1 = part_dkl;
   a.part2 = part_dw;
-  if constexpr (is_half<T>()) {
-    if (tc_backward_usable<T, false>(p)) return tc_backward<T, false>(a, stream);
-  }
   constexpr int R = rpw<T>();
   const size_t smem = backward_smem_t<T>(p.D, p.Dv);
   return with_lane_columns(p.D, p.Dv, [&](auto nj) {
@@ -351,14 +348,84 @@ cudaError_t backward_key_t(const Problem& p, RowsView k, RowsView v, const void*
   a.out1 = dk;
   a.out2 = dv;
   a.part1 = part_dql;
-  if constexpr (is_half<T>()) {
-    if (tc_backward_usable<T, true>(p)) return tc_backward<T, true>(a, stream);
-  }
   constexpr int R = rpw<T>();
   const size_t smem = backward_smem_t<T>(p.D, p.Dv);
   return with_lane_columns(p.D, p.Dv, [&](auto nj) {
     return backward_launch(backward_key_kernel<T, A, R, decltype(nj)::value>, a, smem, stream);
   });
+}
+
+// The tensor-core backward (backward_tc_kernels.cuh), gradients in T: the
+// glue calls these where tc_backward_usable holds for that side (launchers.h).
+template <typename T>
+cudaError_t backward_query_tc_t(const Problem& p, RowsView q, RowsView dout, const void* k_lm, const void* w,
+                                const void* lse_q, int groups, void* ds, void* part_dkl, void* part_dw,
+                                cudaStream_t stream) {
+  if constexpr (is_half<T>()) {
+    if (!tc_backward_usable<T, false>(p)) return cudaErrorInvalidValue;
+    BackwardArgs a{};
+    a.p = p;
+    a.groups = groups;
+    a.x = q;
+    a.g = dout;
+    a.lm = k_lm;
+    a.lmv = w;
+    a.lse = lse_q;
+    a.out1 = ds;
+    a.part1 = part_dkl;
+    a.part2 = part_dw;
+    return tc_backward<T, false>(a, stream);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t backward_key_tc_t(const Problem& p, RowsView k, RowsView v, const void* q_lm, const void* lse_l,
+                              const void* dbv, const void* delta, const void* dkl, const void* dw, int groups,
+                              void* dk, void* dv, void* part_dql, cudaStream_t stream) {
+  if constexpr (is_half<T>()) {
+    if (!tc_backward_usable<T, true>(p)) return cudaErrorInvalidValue;
+    BackwardArgs a{};
+    a.p = p;
+    a.groups = groups;
+    a.x = k;
+    a.g = v;
+    a.lm = q_lm;
+    a.lmv = dbv;
+    a.lse = lse_l;
+    a.delta = delta;
+    a.share1 = dkl;
+    a.share2 = dw;
+    a.out1 = dk;
+    a.out2 = dv;
+    a.part1 = part_dql;
+    return tc_backward<T, true>(a, stream);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t backward_dq_tc_t(const Problem& p, RowsView q, const void* k_lm, const void* ds, const void* dql,
+                             int groups, void* dq, cudaStream_t stream) {
+  if constexpr (is_half<T>()) {
+    if (!tc_backward_usable<T, false>(p)) return cudaErrorInvalidValue;
+    BackwardArgs a{};
+    a.p = p;
+    a.groups = groups;
+    a.x = q;
+    a.lm = k_lm;
+    a.lmv = ds;
+    a.share1 = dql;
+    a.out1 = dq;
+    return with_tc_head_dims(p.D, p.D, [&](auto d, auto) {
+      constexpr int DD = decltype(d)::value;
+      return backward_launch(tc_backward_dq_kernel<T, DD>, a, tc_backward_dq_smem<T>(DD), stream, kTcWarps * 32);
+    });
+  } else {
+    return cudaErrorInvalidValue;
+  }
 }
 
 template <typename T>
@@ -390,7 +457,14 @@ cudaError_t spread_t(const Problem& p, Side side, Only only, const void* src, in
   PREFIX template cudaError_t backward_key_t<T>(const Problem&, RowsView, RowsView, const void*, const void*,            \
                                          const void*, const void*, int, void*, void*, void*, cudaStream_t);       \
   PREFIX template cudaError_t mm_backward_t<T>(const MmBackwardArgs&, cudaStream_t);                                   \
-  PREFIX template cudaError_t spread_t<T>(const Problem&, Side, Only, const void*, int, const int*, void*, cudaStream_t);
+  PREFIX template cudaError_t spread_t<T>(const Problem&, Side, Only, const void*, int, const int*, void*, cudaStream_t); \
+  PREFIX template cudaError_t backward_query_tc_t<T>(const Problem&, RowsView, RowsView, const void*, const void*,       \
+                                              const void*, int, void*, void*, void*, cudaStream_t);               \
+  PREFIX template cudaError_t backward_key_tc_t<T>(const Problem&, RowsView, RowsView, const void*, const void*,         \
+                                            const void*, const void*, const void*, const void*, int, void*,       \
+                                            void*, void*, cudaStream_t);                                          \
+  PREFIX template cudaError_t backward_dq_tc_t<T>(const Problem&, RowsView, const void*, const void*, const void*, int,  \
+                                           void*, cudaStream_t);
 
 }  // namespace kern
 }  // namespace nystrom::cuda

@@ -134,6 +134,41 @@ cudaError_t backward_key(DType dt, const Problem& p, RowsView k, RowsView v, con
   });
 }
 
+bool tc_backward_serves(DType dt, const Problem& p, Side side) {
+  const bool key = side == Side::kKey;
+  if (dt == DType::kFloat16)
+    return key ? kern::tc_backward_usable<__half, true>(p) : kern::tc_backward_usable<__half, false>(p);
+  if (dt == DType::kBFloat16)
+    return key ? kern::tc_backward_usable<__nv_bfloat16, true>(p) : kern::tc_backward_usable<__nv_bfloat16, false>(p);
+  return false;
+}
+
+cudaError_t backward_query_tc(DType dt, const Problem& p, RowsView q, RowsView dout, const void* k_lm, const void* w,
+                              const void* lse_q, int groups, void* ds, void* part_dkl, void* part_dw,
+                              cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.L == 0 || p.ms == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) {
+    return kern::backward_query_tc_t<decltype(t)>(p, q, dout, k_lm, w, lse_q, groups, ds, part_dkl, part_dw, stream);
+  });
+}
+
+cudaError_t backward_key_tc(DType dt, const Problem& p, RowsView k, RowsView v, const void* q_lm, const void* lse_l,
+                            const void* dbv, const void* delta, const void* dkl, const void* dw, int groups,
+                            void* dk, void* dv, void* part_dql, cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.S == 0 || p.ms == 0) return cudaSuccess;
+  return by_dtype(dt, [&](auto t) {
+    return kern::backward_key_tc_t<decltype(t)>(p, k, v, q_lm, lse_l, dbv, delta, dkl, dw, groups, dk, dv, part_dql,
+                                                stream);
+  });
+}
+
+cudaError_t backward_dq_tc(DType dt, const Problem& p, RowsView q, const void* k_lm, const void* ds, const void* dql,
+                           int groups, void* dq, cudaStream_t stream) {
+  if (p.B * p.H == 0 || p.L == 0 || p.ms == 0) return cudaSuccess;
+  return by_dtype(dt,
+                  [&](auto t) { return kern::backward_dq_tc_t<decltype(t)>(p, q, k_lm, ds, dql, groups, dq, stream); });
+}
+
 cudaError_t spread_landmarks(DType dt, const Problem& p, Side side, Only only, const void* src, int d,
                              const int* index, void* dst, cudaStream_t stream) {
   if (p.B * p.H == 0 || p.ms == 0 || d == 0) return cudaSuccess;

@@ -127,7 +127,8 @@ cudaError_t mm_backward(DType dt, const Problem& p, int iterations, bool origina
                         void* dw, void* dkl, void* dql, void* dbv, void* delta, void* aux, void* work,
                         cudaStream_t stream);
 
-/// Backward, query side, every non-empty element: recomputes
+/// Backward, query side (CUDA cores; the tensor-core variant is
+/// backward_query_tc), every non-empty element: recomputes
 /// F = softmax(scale q k̃ᵀ) from lse_q; dq (B, H, L, D) acc = scale·dS·k̃ at the
 /// real rows; per group of query tiles g < groups: part_dkl (B*H, groups, ms, D)
 /// += scale·dSᵀ q, part_dw (B*H, groups, ms, Dv) += Fᵀ dO.
@@ -135,13 +136,51 @@ cudaError_t backward_query(DType dt, const Problem& p, RowsView q, RowsView dout
                            const void* lse_q, int groups, void* dq, void* part_dkl, void* part_dw,
                            cudaStream_t stream);
 
-/// Backward, key side, every Nyström element: recomputes
+/// Backward, key side (CUDA cores; the tensor-core variant is backward_key_tc),
+/// every Nyström element: recomputes
 /// Bm = softmax(scale q̃ kᵀ) from lse_l; dk (B, H, S, D) += scale·dSᵀ q̃,
 /// dv (B, H, S, Dv) += Bmᵀ dbv at the real rows; per group of key tiles:
 /// part_dql (B*H, groups, ms, D) += scale·dS k. delta (B*H, ms) = rowsum(dbv∘bv).
 cudaError_t backward_key(DType dt, const Problem& p, RowsView k, RowsView v, const void* q_lm, const void* lse_l,
                          const void* dbv, const void* delta, int groups, void* dk, void* dv, void* part_dql,
                          cudaStream_t stream);
+
+/// The tensor-core backward (float16/bfloat16, D and Dv in {64, 128}, ms <= 64,
+/// its shared memory on this device, NYSTROM_CUDA_TENSOR_CORES and
+/// NYSTROM_CUDA_TC_BACKWARD on): whether it serves the query side (then
+/// backward_query_tc and backward_dq_tc replace backward_query and the spread
+/// of dq̃) or the key side (backward_key_tc replaces backward_key and the
+/// spreads of dk̃ and, for exact elements, dW). Its gradients are written once,
+/// in the input dtype, into contiguous (B, H, n, d) tensors: no zero fill, no
+/// spread, no conversion. The sides are decided separately (sm_80 at
+/// D = Dv = 128 has the key side only).
+bool tc_backward_serves(DType dt, const Problem& p, Side side);
+
+/// Rounded dS rows of the tensor-core query side: (B*H, L, kTcDsWidth) in the
+/// input dtype, real rows in order (row r of element b at r).
+constexpr int kTcDsWidth = 64;
+
+/// backward_query on the tensor cores: the same partials, and instead of dq
+/// the rows of dS = F∘(dF − δ) rounded to the input dtype into ds.
+cudaError_t backward_query_tc(DType dt, const Problem& p, RowsView q, RowsView dout, const void* k_lm, const void* w,
+                              const void* lse_q, int groups, void* ds, void* part_dkl, void* part_dw,
+                              cudaStream_t stream);
+
+/// backward_key on the tensor cores, after the m x m part: dk (B, H, S, D) and
+/// dv (B, H, S, Dv) in the input dtype for every element, written once: for
+/// Nyström elements scale·dSᵀq̃ + dkl[segment] / segment size and Bmᵀdbv, for
+/// exact elements dkl and dw (acc, (B*H, ms, ·)) at their single-token
+/// segments, zero at padded rows and empty elements; part_dql as backward_key.
+cudaError_t backward_key_tc(DType dt, const Problem& p, RowsView k, RowsView v, const void* q_lm, const void* lse_l,
+                            const void* dbv, const void* delta, const void* dkl, const void* dw, int groups,
+                            void* dk, void* dv, void* part_dql, cudaStream_t stream);
+
+/// The last pass of the tensor-core backward, once dql (acc, (B*H, ms, D)) is
+/// complete: dq (B, H, L, D) in the input dtype = scale·dS·k̃ (+ dql[segment] /
+/// segment size for Nyström elements), zero at padded rows and empty elements.
+/// q: the query rows' view (its index list).
+cudaError_t backward_dq_tc(DType dt, const Problem& p, RowsView q, const void* k_lm, const void* ds, const void* dql,
+                           int groups, void* dq, cudaStream_t stream);
 
 /// dst (B, H, n, d) acc at the real rows += src[segment of the row] / segment
 /// size, src (B, H, ms, d): the gradient of a segment mean reaching its tokens.

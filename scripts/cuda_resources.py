@@ -101,8 +101,9 @@ def dynamic_smem_table() -> list:
     warp_b = lambda d: 2 * 16 * 2 * d + 2 * 4 * 16 * 64 + 2 * 2 * 16 * 64
     tc_bq = lambda d: 2 * 64 * 2 * d + 4 * 64 * 2 * d + 4 * warp_b(d)
     tc_bk = lambda d: 2 * 64 * 2 * d + 4 * 64 * d + 2 * 4 * 64 + 4 * warp_b(d)
+    tc_dq = lambda d: 2 * 64 * d + 4 * (2 * 16 * 64 + 4 * 16 * d)
     for name, f in (("tc_query (forward)", tc_q), ("tc_landmark (forward)", tc_l),
-                    ("tc_backward_query", tc_bq), ("tc_backward_key", tc_bk)):
+                    ("tc_backward_query", tc_bq), ("tc_backward_key", tc_bk), ("tc_backward_dq (D)", tc_dq)):
         lines.append(f"  {name:<28}{'fp16/bf16':<10}{f(64):>10}{f(128):>10}{'-':>10}")
     lines.append("  (sm_80 allows 163 KiB per block, sm_90 227 KiB; above that the launcher refuses with a clear")
     lines.append("   error, or Newton-Schulz takes the batched cuBLAS path)")

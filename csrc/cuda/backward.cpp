@@ -9,6 +9,11 @@
 //      batched ATen (cuBLAS) products otherwise, or with NYSTROM_CUDA_FUSED_MM=0;
 //   4. key side, Nyström elements: dk (direct part), dv, partial dq̃;
 //   5. each token's share of its landmark's gradient (segment means).
+// Where the tensor-core backward serves a side (gpu::tc_backward_serves), its
+// gradients are written once in the input dtype, the shares folded in: the
+// key side (step 4) writes dk and dv of every element; the query side (step
+// 1) stores its rounded dS rows and a last pass after step 4 writes dq. Those
+// outputs then have no float32 tensor, zero fill, spread or conversion.
 // No step uses atomics: results are bitwise repeatable.
 #include "cuda/layout.h"
 #include "newton_schulz.h"
@@ -44,16 +49,34 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   const Tensor lse_q = call.lse_query.contiguous(), lse_l = call.lse_landmark.contiguous();
   const Tensor& c_in = call.pinv_scale;
 
-  Tensor dq = at::zeros({B, H, L, D}, acc_opts);
-  Tensor dk = at::zeros({B, H, S, D}, acc_opts);
-  Tensor dv = at::zeros({B, H, S, Dv}, acc_opts);
-  auto finish = [&]() {
-    return std::make_tuple(dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()));
-  };
-  if (B == 0 || H == 0 || L == 0) return finish();
+  if (B == 0 || H == 0 || L == 0) {
+    return std::make_tuple(at::zeros({B, H, L, D}, q.options()), at::zeros({B, H, S, D}, q.options()),
+                           at::zeros({B, H, S, Dv}, q.options()));
+  }
   const Layout lay = make_layout(op, q, k, v, o, key_padding_mask, query_padding_mask);
   const gpu::Problem& p = lay.p;
   check_smem(op, lay, gpu::backward_smem(lay.dt, p.D, p.Dv), q);
+  // Per side: the tensor-core kernels write the input dtype (every row, no
+  // fill: poisoned in the emulation), the CUDA-core kernels add into zeroed
+  // float32 gradients converted at the end.
+  const bool tc_q = gpu::tc_backward_serves(lay.dt, p, gpu::Side::kQuery);
+  const bool tc_k = gpu::tc_backward_serves(lay.dt, p, gpu::Side::kKey);
+  const auto& in_opts = q.options();
+  Tensor dq = tc_q ? at::empty({B, H, L, D}, in_opts) : at::zeros({B, H, L, D}, acc_opts);
+  Tensor dk = tc_k ? at::empty({B, H, S, D}, in_opts) : at::zeros({B, H, S, D}, acc_opts);
+  Tensor dv = tc_k ? at::empty({B, H, S, Dv}, in_opts) : at::zeros({B, H, S, Dv}, acc_opts);
+  Tensor ds = tc_q ? at::empty({B * H, L, gpu::kTcDsWidth}, in_opts) : Tensor();
+  if (tc_q) {
+    poison_for_kernels(dq);
+    poison_for_kernels(ds);
+  }
+  if (tc_k) {
+    poison_for_kernels(dk);
+    poison_for_kernels(dv);
+  }
+  auto finish = [&]() {
+    return std::make_tuple(dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type()));
+  };
   const cudaStream_t stream = current_stream();
   const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index),
                     gv = view_of(dO, lay.q_index);
@@ -63,9 +86,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   const int64_t g1 = std::clamp<int64_t>((target_blocks(lay) + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (L + rows - 1) / rows));
   Tensor part_dkl = at::zeros({B * H, g1, ms, D}, acc_opts);
   Tensor part_dw = at::zeros({B * H, g1, ms, Dv}, acc_opts);
-  check_launch(gpu::backward_query(lay.dt, p, qv, gv, k_lm.data_ptr(), zbv.data_ptr(), lse_q.data_ptr(),
-                                 static_cast<int>(g1), dq.data_ptr(), part_dkl.data_ptr(), part_dw.data_ptr(), stream),
-               op, "query side");
+  if (tc_q) {
+    check_launch(gpu::backward_query_tc(lay.dt, p, qv, gv, k_lm.data_ptr(), zbv.data_ptr(), lse_q.data_ptr(),
+                                        static_cast<int>(g1), ds.data_ptr(), part_dkl.data_ptr(), part_dw.data_ptr(),
+                                        stream),
+                 op, "query side");
+  } else {
+    check_launch(gpu::backward_query(lay.dt, p, qv, gv, k_lm.data_ptr(), zbv.data_ptr(), lse_q.data_ptr(),
+                                     static_cast<int>(g1), dq.data_ptr(), part_dkl.data_ptr(), part_dw.data_ptr(),
+                                     stream),
+                 op, "query side");
+  }
   const int64_t mm_smem = static_cast<int64_t>(gpu::mm_backward_smem(lay.dt, static_cast<int>(ms)));
   const bool fused = fused_mm_enabled() && mm_smem > 0 && static_cast<size_t>(mm_smem) <= p.smem_optin;
   Tensor dkl, dW, dql, dbv, delta;
@@ -96,11 +127,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
     part_dkl.reset();
     part_dw.reset();
   }
-  // Step 2. Exact elements: W is their values, one token per "segment".
-  check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kExact, dW.data_ptr(), p.Dv,
-                                   lay.k_index.defined() ? lay.k_index.data_ptr<int>() : nullptr, dv.data_ptr(),
-                                   stream),
-               op, "value gradient of exact elements");
+  // Step 2. Exact elements: W is their values, one token per "segment" (on
+  // the tensor cores: in step 4).
+  if (!tc_k) {
+    check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kExact, dW.data_ptr(), p.Dv,
+                                       lay.k_index.defined() ? lay.k_index.data_ptr<int>() : nullptr, dv.data_ptr(),
+                                       stream),
+                 op, "value gradient of exact elements");
+  }
 
   if (!fused) {
     // Step 3 in batched ATen products (zero for elements off the Nyström
@@ -138,24 +172,42 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   // Step 4. Key side, Nyström elements: dk (direct), dv, dq̃ partials.
   const int64_t g3 = std::clamp<int64_t>((target_blocks(lay) + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (S + rows - 1) / rows));
   Tensor part_dql = at::zeros({B * H, g3, ms, D}, acc_opts);
-  check_launch(gpu::backward_key(lay.dt, p, kv, vv, q_lm.data_ptr(), lse_l.data_ptr(), dbv.data_ptr(),
-                               delta.data_ptr(), static_cast<int>(g3), dk.data_ptr(), dv.data_ptr(),
-                               part_dql.data_ptr(), stream),
-               op, "key side");
+  dkl = dkl.contiguous();
+  if (tc_k) {
+    // dk, dv of every element in the input dtype, dk̃'s (and exact elements'
+    // dW) shares folded in: steps 2 and 5 of the key side.
+    dW = dW.contiguous();
+    check_launch(gpu::backward_key_tc(lay.dt, p, kv, vv, q_lm.data_ptr(), lse_l.data_ptr(), dbv.data_ptr(),
+                                      delta.data_ptr(), dkl.data_ptr(), dW.data_ptr(), static_cast<int>(g3),
+                                      dk.data_ptr(), dv.data_ptr(), part_dql.data_ptr(), stream),
+                 op, "key side");
+  } else {
+    check_launch(gpu::backward_key(lay.dt, p, kv, vv, q_lm.data_ptr(), lse_l.data_ptr(), dbv.data_ptr(),
+                                   delta.data_ptr(), static_cast<int>(g3), dk.data_ptr(), dv.data_ptr(),
+                                   part_dql.data_ptr(), stream),
+                 op, "key side");
+  }
   dql.add_(part_dql.sum(1).view({B, H, ms, D}));
   part_dql.reset();
 
   // Step 5. Each token's share of its landmark's gradient (the landmark is a mean).
-  dkl = dkl.contiguous();
   dql = dql.contiguous();
-  check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kAll, dkl.data_ptr(), p.D,
-                                   lay.k_index.defined() ? lay.k_index.data_ptr<int>() : nullptr, dk.data_ptr(),
-                                   stream),
-               op, "key landmark gradient");
-  check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kQuery, gpu::Only::kNystrom, dql.data_ptr(), p.D,
-                                   lay.q_index.defined() ? lay.q_index.data_ptr<int>() : nullptr, dq.data_ptr(),
-                                   stream),
-               op, "query landmark gradient");
+  if (!tc_k) {
+    check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kAll, dkl.data_ptr(), p.D,
+                                       lay.k_index.defined() ? lay.k_index.data_ptr<int>() : nullptr, dk.data_ptr(),
+                                       stream),
+                 op, "key landmark gradient");
+  }
+  if (tc_q) {
+    check_launch(gpu::backward_dq_tc(lay.dt, p, qv, k_lm.data_ptr(), ds.data_ptr(), dql.data_ptr(),
+                                     static_cast<int>(g1), dq.data_ptr(), stream),
+                 op, "query gradient");
+  } else {
+    check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kQuery, gpu::Only::kNystrom, dql.data_ptr(), p.D,
+                                       lay.q_index.defined() ? lay.q_index.data_ptr<int>() : nullptr, dq.data_ptr(),
+                                       stream),
+                 op, "query landmark gradient");
+  }
   fill_rows_without_keys(lay, dq, query_padding_mask);
   return finish();
 }

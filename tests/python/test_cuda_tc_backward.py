@@ -36,6 +36,10 @@ CASES = [
     Case("tcb_d64_dv128_m50", B=1, H=2, L=121, S=99, D=64, Dv=128, m=50, key_mask=trailing(83)),
     Case("tcb_d64_m64_tiles", B=2, H=8, L=1100, S=1301, D=64, Dv=64, m=64, key_mask=trailing(1301, 1177),
          query_mask=scattered(0.1)),
+    # a Nyström element with unequal segments on both sides, one with no real query (its keys' gradients are
+    # zero), one exact element (its dk, dv are its landmarks' gradients)
+    Case("tcb_d64_dv128_empty_exact", B=3, H=2, L=97, S=71, D=64, Dv=128, m=24, key_mask=trailing(71, 40, 15),
+         query_mask=trailing(97, 0, 20)),
 ]
 CASE = {c.id: c for c in CASES}
 DTYPES = [torch.float16, torch.bfloat16]
@@ -91,9 +95,12 @@ def test_switch_selects_the_kernels(case_id, tc_kernels, cuda_device, monkeypatc
     _, on = launched_during(lambda: _grads(q, k, v, kw, g, monkeypatch, tc=True))
     _, off = launched_during(lambda: _grads(q, k, v, kw, g, monkeypatch, tc=False))
     names_on, names_off = " ".join(on), " ".join(off)
-    for kernel in ("tc_backward_query_kernel", "tc_backward_key_kernel"):
+    for kernel in ("tc_backward_query_kernel", "tc_backward_key_kernel", "tc_backward_dq_kernel"):
         assert kernel in names_on, f"{kernel} not launched: {sorted(on)}"
         assert kernel not in names_off, f"{kernel} launched with the switch off"
+    # the tensor-core passes write the gradients in the input dtype with the landmark shares folded in
+    assert "spread_kernel" not in names_on, f"a spread on the tensor-core path: {sorted(on)}"
+    assert "spread_kernel" in names_off
     assert "backward_query_kernel<" in names_off.replace("tc_backward_query_kernel<", "")
     assert "backward_query_kernel<" not in names_on.replace("tc_backward_query_kernel<", "")
 
@@ -118,3 +125,17 @@ def test_sm80_takes_the_cuda_core_query_side_at_d128(cuda_device, monkeypatch):
         assert "tc_backward_key_kernel" in names, f"{arch}: {sorted(launched)}"
         for name, a, e in zip(("dq", "dk", "dv"), grads, ref32):
             assert rel_err(a, e) <= TOL_EPS * eps, f"{arch} {name}: {rel_err(a, e) / eps:.2f} eps"
+
+
+def test_element_without_queries_has_zero_key_gradients(cuda_device):
+    """The key side writes every element's dk and dv (no zero fill before it): an element whose queries are all
+    padding gets exactly zero gradients for its real keys and values, and its dq is zero."""
+    case = CASE["tcb_d64_dv128_empty_exact"]
+    q, k, v, kw = case.build(torch.bfloat16, cuda_device)
+    g = cotangent(case.out_shape, torch.bfloat16, cuda_device)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    grads = torch.autograd.grad(nystrom_attention(*leaves, **kw), leaves, g)
+    assert kw["query_padding_mask"][1].all(), "element 1 must have no real query"
+    for name, t in zip(("dq", "dk", "dv"), grads):
+        assert torch.count_nonzero(t[1].detach().cpu()) == 0, f"{name} of the query-less element is not zero"
+        assert torch.count_nonzero(t[0].detach().cpu()) > 0, f"{name} of the Nyström element is all zero"
