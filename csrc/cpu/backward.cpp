@@ -19,8 +19,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -39,7 +41,7 @@ struct BackwardState {
   std::vector<int64_t> heads;  // the Nyström heads
   Tensor q_lm_s, k_lm_s;       // landmarks with the softmax scale folded in
   bool fused = false;
-  bool bf16_forward = false;  // the forward's logits used bfloat16-rounded landmarks (fused_bf16.h)
+  bool bf16 = false;  // bfloat16 rows on vdpbf16ps (fused_bf16.h), as the forward's: rounded landmarks
   int64_t mp = 0, dp = 0, dvp = 0;  // ms, D, Dv rounded up to fused::kPadColumns
   std::vector<Tile> qtiles, ktiles;  // Nyström tiles of queries and of keys
   std::vector<Tensor> part_dkl, part_dw2, part_dql;  // per tile
@@ -47,35 +49,50 @@ struct BackwardState {
   std::vector<Tensor> dql, dkl, dbv;  // per head: dL/dq̃, dL/dk̃, dL/dbv
 };
 
-// What both passes give fused::backward_tile: the tile's x rows (q or k, D
-// wide) and y rows (dO or v, Dv wide), m of mp landmark columns, one head's
-// packed b1, b2 and c1, the rows of out1, the P and X buffers (scratch slots
-// 0 and 1) and t1. Each pass adds its own offsets and outputs.
-fused::BackwardTile backward_tile_of(const Tensor& x, const Tensor& y, int64_t D, int64_t Dv, int64_t m, int64_t mp,
-                                     const Tensor& b1, const Tensor& b2, const Tensor& c1, const Tensor& out1,
-                                     const Tensor& t1) {
-  fused::BackwardTile bt;
-  bt.x = x.data_ptr<float>();
+// What both passes give a backward tile kernel (fused::backward_tile, or
+// fused::bf16::backward_tile for bfloat16 rows): the tile's x rows (q or k,
+// D wide) and y rows (dO or v, Dv wide), m of mp landmark columns, one head's
+// packed b1, b2 and c1 (float32, or bfloat16 pairs: pair_heads), the rows of
+// out1, the P and X buffers (scratch slots 0 and 1; the pair scratch in 6
+// and 7) and t1. Each pass adds its own offsets and outputs.
+template <typename Tile>
+Tile backward_tile_of(const Tensor& x, const Tensor& y, int64_t D, int64_t Dv, int64_t m, int64_t mp,
+                      const Tensor& b1, const Tensor& b2, const Tensor& c1, const Tensor& out1, const Tensor& t1) {
+  using Row = std::remove_const_t<std::remove_pointer_t<decltype(Tile::x)>>;
+  using Operand = std::remove_const_t<std::remove_pointer_t<decltype(Tile::b1)>>;
+  Tile bt;
+  bt.x = static_cast<const Row*>(x.data_ptr());
   bt.ldx = x.stride(0);
-  bt.y = y.data_ptr<float>();
+  bt.y = static_cast<const Row*>(y.data_ptr());
   bt.ldy = y.stride(0);
   bt.rows = x.size(0);
   bt.D = D;
   bt.Dv = Dv;
   bt.m = m;
   bt.mp = mp;
-  bt.b1 = b1.data_ptr<float>();
-  bt.b2 = b2.data_ptr<float>();
-  bt.c1 = c1.data_ptr<float>();
+  bt.b1 = static_cast<const Operand*>(b1.data_ptr());
+  bt.b2 = static_cast<const Operand*>(b2.data_ptr());
+  bt.c1 = static_cast<const Operand*>(c1.data_ptr());
   bt.ldc1 = c1.stride(0);
   bt.out1 = out1.data_ptr<float>();
   bt.ldo1 = out1.stride(0);
-  bt.pbuf = scratch(0, x.size(0), mp, x.options()).data_ptr<float>();
-  bt.xbuf = scratch(1, x.size(0), mp, x.options()).data_ptr<float>();
+  const at::TensorOptions f32 = out1.options().dtype(at::kFloat);
+  const int64_t n = x.size(0);
+  bt.pbuf = scratch(0, n, mp, f32).data_ptr<float>();
+  bt.xbuf = scratch(1, n, mp, f32).data_ptr<float>();
+  if constexpr (std::is_same_v<Row, uint16_t>) {
+    const at::TensorOptions i32 = f32.dtype(at::kInt);
+    bt.pairs = pair_ptr(scratch(6, (n + 1) / 2, mp, i32));
+    bt.rbuf = pair_ptr(scratch(7, n, round_up(std::max(D, Dv), 16), i32));
+  }
   bt.t1 = t1.data_ptr<float>();
   bt.ldt1 = t1.stride(0);
   return bt;
 }
+
+// A tile on the kernel of its type.
+void run_tile(const fused::BackwardTile& t) { fused::backward_tile(t); }
+void run_tile(const fused::bf16::PairTile& t) { fused::bf16::backward_tile(t); }
 
 // Phase 0: exact elements, one task per (b, h), the whole element at once.
 void exact_elements(BackwardState& s) {
@@ -102,7 +119,7 @@ void exact_elements(BackwardState& s) {
 // The scaled landmarks as the forward's logits used them: rounded to
 // bfloat16 where its products ran on vdpbf16ps (forward.cpp), else as they are.
 Tensor logit_landmarks(const BackwardState& s, const Tensor& lm_scaled) {
-  return s.bf16_forward ? lm_scaled.to(at::kBFloat16).to(lm_scaled.scalar_type()) : lm_scaled;
+  return s.bf16 ? lm_scaled.to(at::kBFloat16).to(lm_scaled.scalar_type()) : lm_scaled;
 }
 
 // Phase 1: query tiles. F = softmax(scale q k̃ᵀ) from its saved log-sum-exp;
@@ -118,26 +135,40 @@ void query_pass(BackwardState& s) {
   const Tensor k_lm_sT = s.fused ? pack_heads(logit_landmarks(s, s.k_lm_s), c.D, s.mp, /*transpose=*/true) : Tensor();
   const Tensor zbvT = s.fused ? pack_heads(c.zbv, c.Dv, s.mp, /*transpose=*/true) : Tensor();
   const Tensor k_lm_sP = s.fused ? pack_heads(s.k_lm_s, s.mp, s.dp, /*transpose=*/false) : Tensor();
+  // bfloat16 rows: every product on vdpbf16ps, the operands as pairs (W and
+  // the landmarks rounded as the forward rounded them)
+  const Tensor b1P = s.bf16 ? pair_heads(k_lm_sT) : Tensor();
+  const Tensor b2P = s.bf16 ? pair_heads(zbvT) : Tensor();
+  const Tensor c1P = s.bf16 ? pair_heads(k_lm_sP) : Tensor();
   const double md = static_cast<double>(c.ms), tL = tile_rows(c.L, c.B * c.H);
   run_tasks(static_cast<int64_t>(s.qtiles.size()), tL * md * (2 * c.D + 3 * c.Dv), [&](int64_t i) {
     const Tile& t = s.qtiles[i];
     const Element& e = s.el[t.b];
     const Tensor lse_bh = c.lse_query[t.b][t.h].unsqueeze(1);
     if (s.fused) {
-      const Tensor qt = unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, s.dp);
-      const Tensor g = unit_rows(c.grad_out[t.b][t.h], e.qidx, t.r0, t.r1, 5, s.dvp);
+      const Tensor qt = s.bf16 ? half_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, c.D)
+                               : unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, s.dp);
+      const Tensor g = s.bf16 ? half_rows(c.grad_out[t.b][t.h], e.qidx, t.r0, t.r1, 5, c.Dv)
+                              : unit_rows(c.grad_out[t.b][t.h], e.qidx, t.r0, t.r1, 5, s.dvp);
       const Tensor lse = rows(lse_bh, e.qidx, t.r0, t.r1, c.acc).contiguous();
       const int64_t n = qt.size(0);
       const bool direct = !e.qidx.defined();
       Tensor dqt = direct ? s.dq[t.b][t.h].narrow(0, t.r0, n) : scratch(2, n, c.D, c.acc_opts);
       s.part_dkl[i] = at::empty({e.mk, c.D}, c.acc_opts);
       s.part_dw2[i] = at::empty({e.mk, c.Dv}, c.acc_opts);
-      fused::BackwardTile bt = backward_tile_of(qt, g, c.D, c.Dv, e.mk, s.mp, k_lm_sT[t.b][t.h], zbvT[t.b][t.h],
-                                                k_lm_sP[t.b][t.h], dqt, s.part_dkl[i]);
-      bt.row_offset = lse.data_ptr<float>();
-      bt.t2 = s.part_dw2[i].data_ptr<float>();
-      bt.ldt2 = c.Dv;
-      fused::backward_tile(bt);
+      auto run = [&](auto bt) {
+        bt.row_offset = lse.data_ptr<float>();
+        bt.t2 = s.part_dw2[i].data_ptr<float>();
+        bt.ldt2 = c.Dv;
+        run_tile(bt);
+      };
+      if (s.bf16) {
+        run(backward_tile_of<fused::bf16::PairTile>(qt, g, c.D, c.Dv, e.mk, s.mp, b1P[t.b][t.h], b2P[t.b][t.h],
+                                                    c1P[t.b][t.h], dqt, s.part_dkl[i]));
+      } else {
+        run(backward_tile_of<fused::BackwardTile>(qt, g, c.D, c.Dv, e.mk, s.mp, k_lm_sT[t.b][t.h], zbvT[t.b][t.h],
+                                                  k_lm_sP[t.b][t.h], dqt, s.part_dkl[i]));
+      }
       s.part_dkl[i].mul_(c.o.scale);
       if (!direct) put_rows(s.dq[t.b][t.h], e.qidx, t.r0, dqt);
       return;
@@ -287,9 +318,17 @@ void key_pass(BackwardState& s) {
     dbvT = pack_heads(s.dbv_all, c.Dv, s.mp, /*transpose=*/true);
     dbvP = pack_heads(s.dbv_all, s.mp, s.dvp, /*transpose=*/false);
     lse_lP = pack_heads(c.lse_landmark.unsqueeze(3), s.mp, 1, /*transpose=*/false).view({B, H, s.mp});
-    col_dotP = pack_heads((s.dbv_all * c.bv).sum(-1, /*keepdim=*/true), s.mp, 1, /*transpose=*/false)
+    // On vdpbf16ps dbv enters v · dbvᵀ and P · dbv rounded to bfloat16; the
+    // subtracted rowsum(dbv ∘ bv) takes the same rounded dbv, so that the
+    // pass is the exact derivative for that dbv (a mismatch there would
+    // cancel badly in v · dbvᵀ - rowsum).
+    const Tensor dbv_used = s.bf16 ? s.dbv_all.to(at::kBFloat16).to(at::kFloat) : s.dbv_all;
+    col_dotP = pack_heads((dbv_used * c.bv).sum(-1, /*keepdim=*/true), s.mp, 1, /*transpose=*/false)
                    .view({B, H, s.mp});
   }
+  const Tensor b1P = s.bf16 ? pair_heads(q_lm_sT) : Tensor();
+  const Tensor b2P = s.bf16 ? pair_heads(dbvT) : Tensor();
+  const Tensor c1P = s.bf16 ? pair_heads(q_lm_sP) : Tensor();
   const double md = static_cast<double>(c.ms), tS = tile_rows(c.S, B * H);
   run_tasks(static_cast<int64_t>(s.ktiles.size()), tS * md * (2 * c.D + 3 * c.Dv), [&](int64_t i) {
     const Tile& t = s.ktiles[i];
@@ -297,23 +336,32 @@ void key_pass(BackwardState& s) {
     const Element& e = s.el[t.b];
     const Tensor dk_bh = s.dk[t.b][t.h], dv_bh = s.dv[t.b][t.h];
     if (s.fused) {
-      const Tensor kt = unit_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, s.dp);
-      const Tensor vt = unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, s.dvp);
+      const Tensor kt = s.bf16 ? half_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, c.D)
+                               : unit_rows(c.k[t.b][t.h], e.kidx, t.r0, t.r1, 4, s.dp);
+      const Tensor vt = s.bf16 ? half_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, c.Dv)
+                               : unit_rows(c.v[t.b][t.h], e.kidx, t.r0, t.r1, 5, s.dvp);
       const int64_t n = kt.size(0);
       // half-precision dk and dv: the tile in float32 scratch, rounded once
       const bool direct = !e.kidx.defined() && dk_bh.scalar_type() == at::kFloat;
       Tensor dkt = direct ? dk_bh.narrow(0, t.r0, n) : scratch(2, n, c.D, c.acc_opts);
       Tensor dvt = direct ? dv_bh.narrow(0, t.r0, n) : scratch(3, n, c.Dv, c.acc_opts);
       s.part_dql[i] = at::empty({e.mq, c.D}, c.acc_opts);
-      fused::BackwardTile bt = backward_tile_of(kt, vt, c.D, c.Dv, e.mq, s.mp, q_lm_sT[t.b][t.h], dbvT[t.b][t.h],
-                                                q_lm_sP[t.b][t.h], dkt, s.part_dql[i]);
-      bt.col_offset = lse_lP[t.b][t.h].data_ptr<float>();
-      bt.col_dot = col_dotP[t.b][t.h].data_ptr<float>();
-      bt.c2 = dbvP[t.b][t.h].data_ptr<float>();
-      bt.ldc2 = s.dvp;
-      bt.out2 = dvt.data_ptr<float>();
-      bt.ldo2 = dvt.stride(0);
-      fused::backward_tile(bt);
+      auto run = [&](auto bt) {
+        bt.col_offset = lse_lP[t.b][t.h].data_ptr<float>();
+        bt.col_dot = col_dotP[t.b][t.h].data_ptr<float>();
+        bt.c2 = dbvP[t.b][t.h].data_ptr<float>();
+        bt.ldc2 = s.dvp;
+        bt.out2 = dvt.data_ptr<float>();
+        bt.ldo2 = dvt.stride(0);
+        run_tile(bt);
+      };
+      if (s.bf16) {
+        run(backward_tile_of<fused::bf16::PairTile>(kt, vt, c.D, c.Dv, e.mq, s.mp, b1P[t.b][t.h], b2P[t.b][t.h],
+                                                    c1P[t.b][t.h], dkt, s.part_dql[i]));
+      } else {
+        run(backward_tile_of<fused::BackwardTile>(kt, vt, c.D, c.Dv, e.mq, s.mp, q_lm_sT[t.b][t.h], dbvT[t.b][t.h],
+                                                  q_lm_sP[t.b][t.h], dkt, s.part_dql[i]));
+      }
       s.part_dql[i].mul_(c.o.scale);
       if (direct) {
         add_segment_rows(dk_bh, e.kidx, t.r0, t.r1, e.Sb, e.mk, s.dkl[bh]);
@@ -402,7 +450,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(
   s.q_lm_s = c.q_landmarks * c.o.scale;
   s.k_lm_s = c.k_landmarks * c.o.scale;
   s.fused = fused;
-  s.bf16_forward = fused && c.q.scalar_type() == at::kBFloat16 && bf16_products();
+  s.bf16 = fused && c.q.scalar_type() == at::kBFloat16 && bf16_products();
   s.mp = round_up(c.ms, fused::kPadColumns);
   s.dp = round_up(c.D, fused::kPadColumns);
   s.dvp = round_up(c.Dv, fused::kPadColumns);

@@ -89,18 +89,22 @@ void key_tile(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t 
 /// and over the tile t1 (m x D) = Xᵀ · x, t2 (m x Dv) = Pᵀ · y when t2 is given.
 /// b1: D x mp, b2: Dv x mp (zero past m), c1: mp x ldc1, c2: mp x ldc2 (rows >= m
 /// zero, ldc >= width rounded up to kPadColumns); pbuf and xbuf: rows x mp scratch.
-struct BackwardTile {
-  const float* x = nullptr;
+/// Row: the element type of x and y (float here; bfloat16 bits for
+/// fused_bf16.h's tile), Operand: that of b1, b2, c1 (float here; bfloat16
+/// pairs there); pairs and rbuf are the bfloat16 tile's scratch.
+template <typename Row, typename Operand>
+struct BackwardTileOf {
+  const Row* x = nullptr;
   int64_t ldx = 0;
-  const float* y = nullptr;
+  const Row* y = nullptr;
   int64_t ldy = 0;
   int64_t rows = 0, D = 0, Dv = 0, m = 0, mp = 0;
-  const float* b1 = nullptr;
-  const float* b2 = nullptr;
+  const Operand* b1 = nullptr;
+  const Operand* b2 = nullptr;
   const float* row_offset = nullptr;
   const float* col_offset = nullptr;
   const float* col_dot = nullptr;
-  const float* c1 = nullptr;
+  const Operand* c1 = nullptr;
   int64_t ldc1 = 0;
   float* out1 = nullptr;
   int64_t ldo1 = 0;
@@ -110,11 +114,14 @@ struct BackwardTile {
   int64_t ldo2 = 0;
   float* pbuf = nullptr;
   float* xbuf = nullptr;
+  uint32_t* pairs = nullptr;
+  uint32_t* rbuf = nullptr;
   float* t1 = nullptr;
   int64_t ldt1 = 0;
   float* t2 = nullptr;
   int64_t ldt2 = 0;
 };
+using BackwardTile = BackwardTileOf<float, float>;
 void backward_tile(const BackwardTile& t);
 
 /// The Newton–Schulz pseudoinverse of one head (docs/DESIGN.md §2 step 4) on an n x n

@@ -1,18 +1,20 @@
-// Internal: the forward tile kernels of fused.h for bfloat16 inputs, with the
-// long products on vdpbf16ps (AVX512-BF16). Torch-free; built once, from
+// Internal: the forward and backward tile kernels of fused.h for bfloat16
+// inputs, with the long products on vdpbf16ps (AVX512-BF16). Torch-free; built once, from
 // fused_bf16.cpp with -mavx512bf16. Callers check bf16_products() (isa.h).
 //
 // vdpbf16ps multiplies pairs of bfloat16 numbers and adds both products to a
 // float32 lane: 32 multiply-adds per instruction against the FMA's 16. Its
 // right operand holds, in each 32-bit lane, the elements of two consecutive
 // rows of one column ("pairs"); its left operand is one such pair broadcast.
-// The bfloat16 inputs (q, k, v) enter as they are; the float32 operands
-// (landmarks; the query side's probabilities and W) are rounded to bfloat16
-// once, to nearest even.
+// The bfloat16 inputs (q, k, v, dO) enter as they are; the float32 operands
+// (landmarks; the query side's probabilities and W; the backward's scores X
+// and dbv) are rounded to bfloat16 once, to nearest even.
 // Sums, softmax statistics and log-sum-exps stay float32, and so does the
 // pseudoinverse (it is not computed here). docs/DESIGN.md §5 states the error
 // this adds; test_cpu_paths.py bounds it.
 #pragma once
+
+#include "cpu/fused.h"
 
 #include <cstdint>
 
@@ -45,5 +47,22 @@ void attend_rows(const uint16_t* q, int64_t ldq, int64_t rows, int64_t D, const 
 void key_tile(const uint16_t* k, int64_t ldk, const float* v, int64_t ldv, int64_t rows, int64_t D, int64_t Dv,
               const uint32_t* qTp, int64_t m, int64_t mp, float* work, float* col_max, float* col_sum, float* pv,
               int64_t ldpv);
+
+/// backward_tile of fused.h for bfloat16 x and y rows (x + i * ldx: D + D % 2
+/// elements readable, element D zero when D is odd; y likewise with Dv), the
+/// products that take X on vdpbf16ps: the per-head operands b1 (D x mp), b2
+/// (Dv x mp) and c1 (mp x ldc1, ldc1 >= D rounded up to 16) come as pairs
+/// (pack_pairs); the logits x · b1 and G = y · b2, then out1 = X · c1 and
+/// t1 = Xᵀ · x with X rounded to bfloat16 once. The products that take P,
+/// out2 = P · c2 (c2: mp x ldc2 floats, the key pass's dv) and t2 = Pᵀ · y
+/// (the query pass's dW), stay on the FMA units with P unrounded: rounded
+/// there, dW made dq and dk about 1.8x less accurate (the m x m part amplifies
+/// its error) and dv came to 2.3x the float32 path's error, where the rounded
+/// X adds about 7 %. Logits, exponentials, d, X, every sum and output are
+/// float32. Scratch: pbuf, xbuf (rows x mp floats) as fused.h's; pairs:
+/// ceil(rows / 2) x mp, and rbuf: rows x (max(D, Dv) rounded up to 16) 32-bit
+/// words (the pairs of x's rows, then y's rows widened to float32).
+using PairTile = BackwardTileOf<uint16_t, uint32_t>;
+void backward_tile(const PairTile& t);
 
 }  // namespace nystrom::cpu::fused::bf16

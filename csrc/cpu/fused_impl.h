@@ -205,34 +205,8 @@ void backward_tile(const BackwardTile& t) {
     product(yr, n, 1, t.Dv, t.b2, mp, mp, &g[0][0], kMaxLandmarksFused);
     const float* pr[kMR];
     for (int r = 0; r < kMR; ++r) pr[r] = xb + (r < n ? r : 0) * mp;
-    for (int r = 0; r < n; ++r) {
-      float* prow = p + r * mp;
-      const float* grow = g[r];
-      float* xrow = xb + r * mp;
-      V dot = splat(0.0f);
-      // Padding columns (j >= m) have logit 0, so exp(logit - offset) there
-      // overflows once the log-sum-exp offset is below about -88 (sharp
-      // logits); inf times G's zero there would make the row NaN. Their
-      // logits become -inf, hence P = 0.
-      for (int64_t c = m; c < mp; ++c) prow[c] = -INFINITY;
-      if (t.row_offset != nullptr) {
-        const V off = splat(t.row_offset[r0 + r]);
-        for (int64_t c = 0; c < mp; c += kW) {
-          const V e = vexp(load(prow + c) - off);
-          store(prow + c, e);
-          dot += e * load(grow + c);
-        }
-      } else {
-        for (int64_t c = 0; c < mp; c += kW) store(prow + c, vexp(load(prow + c) - load(t.col_offset + c)));
-      }
-      if (t.row_offset != nullptr) {
-        const V d = splat(hsum(dot));
-        for (int64_t c = 0; c < mp; c += kW) store(xrow + c, (load(grow + c) - d) * load(prow + c));
-      } else {
-        for (int64_t c = 0; c < mp; c += kW)
-          store(xrow + c, (load(grow + c) - load(t.col_dot + c)) * load(prow + c));
-      }
-    }
+    backward_scores(p, mp, &g[0][0], kMaxLandmarksFused, xb, mp, n, m, mp,
+                    t.row_offset != nullptr ? t.row_offset + r0 : nullptr, t.col_offset, t.col_dot);
     // out1 rows = X · c1; out2 rows = P · c2
     product(pr, n, 1, mp, t.c1, t.ldc1, t.D, t.out1 + r0 * t.ldo1, t.ldo1);
     if (t.c2 != nullptr) {

@@ -328,6 +328,44 @@ inline void softmax_block(float* s, int64_t ld, int rows, int64_t m, int64_t mp,
     for (int r = 0; r < kMR; ++r) store(s + r * ld + c, load(s + r * ld + c) * inv[r]);
 }
 
+// The backward's probabilities and scores of a register block's rows
+// (backward_tile of fused.h): row r's logits (p + r * ldp, mp columns) become
+// P = exp(logit - offset) in place, offset = row_offset[r] (the query pass:
+// its saved log-sum-exp) or col_offset[j] (the key pass), and x + r * ldx gets
+// X = (G - d) * P with G at g + r * ldg and d = sum_j P_rj G_rj (row_offset
+// given) or col_dot[j]. Padding columns (j >= m) get P = 0 and X = 0.
+inline void backward_scores(float* p, int64_t ldp, const float* g, int64_t ldg, float* x, int64_t ldx, int rows,
+                            int64_t m, int64_t mp, const float* row_offset, const float* col_offset,
+                            const float* col_dot) {
+  for (int r = 0; r < rows; ++r) {
+    float* prow = p + r * ldp;
+    const float* grow = g + r * ldg;
+    float* xrow = x + r * ldx;
+    V dot = splat(0.0f);
+    // Padding columns (j >= m) have logit 0, so exp(logit - offset) there
+    // overflows once the log-sum-exp offset is below about -88 (sharp
+    // logits); inf times G's zero there would make the row NaN. Their
+    // logits become -inf, hence P = 0.
+    for (int64_t c = m; c < mp; ++c) prow[c] = -INFINITY;
+    if (row_offset != nullptr) {
+      const V off = splat(row_offset[r]);
+      for (int64_t c = 0; c < mp; c += kW) {
+        const V e = vexp(load(prow + c) - off);
+        store(prow + c, e);
+        dot += e * load(grow + c);
+      }
+      const V d = splat(hsum(dot));
+      for (int64_t c = 0; c < mp; c += kW) store(xrow + c, (load(grow + c) - d) * load(prow + c));
+    } else {
+      for (int64_t c = 0; c < mp; c += kW) {
+        const V e = vexp(load(prow + c) - load(col_offset + c));
+        store(prow + c, e);
+        store(xrow + c, (load(grow + c) - load(col_dot + c)) * e);
+      }
+    }
+  }
+}
+
 // A key tile's logits S (rows x mp, row stride mp) in place to P = exp(S -
 // col_max), with col_max[j] = max_i S[i][j] and col_sum[j] = sum_i P[i][j].
 inline void column_softmax(float* work, int64_t rows, int64_t mp, float* col_max, float* col_sum) {

@@ -164,11 +164,12 @@ def test_paths_agree_and_match_float64(paths, name):
 @pytest.mark.skipif(not BF16_PRODUCTS, reason="this CPU or build has no AVX512-BF16 kernels")
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][7] == "bfloat16"])
 def test_bf16_products_path(paths, name):
-    """NYSTROM_CPU_BF16=1: the forward's logits and its F·W on vdpbf16ps, their float32 operands (landmarks,
-    the query side's probabilities, W) rounded to bfloat16 (docs/DESIGN.md §5). Each such product then errs by
-    at most 2^-8 of its sum of |terms|, which the softmax weights bound by the largest |value| averaged: every
-    result must stay within half a unit of float64 plus 2^-7 of its largest entry, and its error (max norm)
-    within 2.5x the float32 path's (measured: 1.0-2.0x on these cases, AMD EPYC Zen 4)."""
+    """NYSTROM_CPU_BF16=1: the forward's logits and its F·W, the backward's logits, G and the products of its
+    scores X on vdpbf16ps, their float32 operands (landmarks, the query side's probabilities, W, dbv, X)
+    rounded to bfloat16 (docs/DESIGN.md §5). Each such product then errs by at most 2^-8 of its sum of
+    |terms|, which the softmax weights bound by the largest |value| averaged: every result must stay within
+    half a unit of float64 plus 2^-7 of its largest entry, and its error (max norm) within 2.5x the float32
+    path's (measured: output 1.1-2.0x, gradients 1.0-1.8x on these cases, AMD EPYC Zen 4)."""
     q, k, v, kpm, qpm, m = make_case(name)
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
     ref = nystrom_reference(q, k, v, m, key_padding_mask=kpm, query_padding_mask=qpm)
