@@ -123,16 +123,54 @@ void store_rows(const float* src, int64_t lds, int64_t r0, int64_t rows, int64_t
   }
 }
 
+// The sums over rows [r0, r1) of `in` (unit column stride, elements E) of
+// the NV vectors of columns from c0, into o[c0 ..): NV accumulators in
+// registers, rows added in order (the same sums, bit for bit, as adding each
+// row to a zeroed row in memory; that loop waited on its own stores: 2.6 % of
+// the bfloat16 forward at n = 4096).
+template <int NV, Elem E>
+inline void column_sums(const Rows& in, int64_t r0, int64_t r1, int64_t c0, float* o) {
+  V acc[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) acc[j] = splat(0.0f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = (in.idx != nullptr ? in.idx[r] : r) * in.rs + c0;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[j] += load_elems(in.p, E, off + j * kW);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) store(o + c0 + j * kW, acc[j]);
+}
+
+template <Elem E>
+inline void segment_vector_sums(const Rows& in, int64_t r0, int64_t r1, int64_t vectors, float* o) {
+  int64_t v = 0;
+  for (; v + 4 <= vectors; v += 4) column_sums<4, E>(in, r0, r1, v * kW, o);
+  switch (vectors - v) {
+    case 3: column_sums<3, E>(in, r0, r1, v * kW, o); break;
+    case 2: column_sums<2, E>(in, r0, r1, v * kW, o); break;
+    case 1: column_sums<1, E>(in, r0, r1, v * kW, o); break;
+    default: break;
+  }
+}
+
 void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums) {
+  // whole vectors of columns in registers where the columns are contiguous;
+  // the rest (a tail narrower than a vector, or strided columns) per element
+  const int64_t vectors = in.cs == 1 ? d / kW : 0;
   for (int64_t j = 0; j < ms; ++j) {
     float* o = sums + j * d;
-    for (int64_t c = 0; c < d; ++c) o[c] = 0.0f;
-    for (int64_t r = segment_start(j, n, ms); r < segment_start(j + 1, n, ms); ++r) {
-      const int64_t off = (in.idx != nullptr ? in.idx[r] : r) * in.rs;
-      int64_t c = 0;
-      if (in.cs == 1)
-        for (; c + kW <= d; c += kW) store(o + c, load(o + c) + load_elems(in.p, in.e, off + c));
-      for (; c < d; ++c) o[c] += load_elem(in.p, in.e, off + c * in.cs);
+    const int64_t r0 = segment_start(j, n, ms), r1 = segment_start(j + 1, n, ms);
+    switch (in.e) {
+      case Elem::kF32: segment_vector_sums<Elem::kF32>(in, r0, r1, vectors, o); break;
+      case Elem::kBf16: segment_vector_sums<Elem::kBf16>(in, r0, r1, vectors, o); break;
+      case Elem::kF16: segment_vector_sums<Elem::kF16>(in, r0, r1, vectors, o); break;
+    }
+    for (int64_t c = vectors * kW; c < d; ++c) {
+      float s = 0.0f;
+      for (int64_t r = r0; r < r1; ++r)
+        s += load_elem(in.p, in.e, (in.idx != nullptr ? in.idx[r] : r) * in.rs + c * in.cs);
+      o[c] = s;
     }
   }
 }
