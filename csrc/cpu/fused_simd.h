@@ -368,20 +368,44 @@ inline void backward_scores(float* p, int64_t ldp, const float* g, int64_t ldg, 
 
 // A key tile's logits S (rows x mp, row stride mp) in place to P = exp(S -
 // col_max), with col_max[j] = max_i S[i][j] and col_sum[j] = sum_i P[i][j].
-inline void column_softmax(float* work, int64_t rows, int64_t mp, float* col_max, float* col_sum) {
-  for (int64_t c = 0; c < mp; c += kW) store(col_max + c, splat(-INFINITY));
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = work + r * mp;
-    for (int64_t c = 0; c < mp; c += kW) store(col_max + c, vmax(load(col_max + c), load(row + c)));
-  }
-  for (int64_t c = 0; c < mp; c += kW) store(col_sum + c, splat(0.0f));
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = work + r * mp;
-    for (int64_t c = 0; c < mp; c += kW) {
-      const V e = vexp(load(row + c) - load(col_max + c));
-      store(row + c, e);
-      store(col_sum + c, load(col_sum + c) + e);
+// Up to four vectors of columns at a time, their maxima and sums kept in
+// registers over the rows (the sums in row order, as one running sum per
+// column); through memory, every row's update waited on the previous row's
+// store (col_max and col_sum may alias the tile for the compiler).
+template <int NV>
+inline void column_softmax_block(float* work, int64_t rows, int64_t mp, float* col_max, float* col_sum) {
+  V mx[NV], sum[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) mx[j] = splat(-INFINITY);
+  for (int64_t r = 0; r < rows; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) mx[j] = vmax(mx[j], load(work + r * mp + j * kW));
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) sum[j] = splat(0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      float* x = work + r * mp + j * kW;
+      const V e = vexp(load(x) - mx[j]);
+      store(x, e);
+      sum[j] += e;
     }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    store(col_max + j * kW, mx[j]);
+    store(col_sum + j * kW, sum[j]);
+  }
+}
+
+inline void column_softmax(float* work, int64_t rows, int64_t mp, float* col_max, float* col_sum) {
+  constexpr int64_t kBlock = 4 * kW;
+  int64_t c = 0;
+  for (; c + kBlock <= mp; c += kBlock) column_softmax_block<4>(work + c, rows, mp, col_max + c, col_sum + c);
+  switch ((mp - c) / kW) {
+    case 3: column_softmax_block<3>(work + c, rows, mp, col_max + c, col_sum + c); break;
+    case 2: column_softmax_block<2>(work + c, rows, mp, col_max + c, col_sum + c); break;
+    case 1: column_softmax_block<1>(work + c, rows, mp, col_max + c, col_sum + c); break;
+    default: break;
   }
 }
 
