@@ -187,20 +187,24 @@ void query_rows(ForwardCall& f) {
       const Tensor qt = f.bf16 ? half_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, c.D)
                                : unit_rows(c.q[t.b][t.h], e.qidx, t.r0, t.r1, 4, c.D);
       const int64_t n = qt.size(0);
-      // straight into out and lse_query when the tile's rows are contiguous there
-      const bool direct = !e.qidx.defined() && out.scalar_type() == at::kFloat && out_bh.stride(1) == 1;
-      Tensor o = direct ? out_bh.narrow(0, t.r0, n) : scratch(2, n, c.Dv, c.acc_opts);
       Tensor lse = e.qidx.defined() ? scratch(3, n, 1, c.acc_opts).view({n}) : lse_bh.narrow(0, t.r0, n);
+      // straight into out and lse_query when the tile's rows are contiguous
+      // there (out in its dtype: float32, or bfloat16 rounded as written)
+      const bool direct = !e.qidx.defined() && out_bh.stride(1) == 1;
       if (f.bf16) {
+        Tensor o = direct ? out_bh.narrow(0, t.r0, n) : scratch(2, n, c.Dv, out.options());
         fused::bf16::attend_rows(half_ptr(qt), qt.stride(0), n, c.D, pair_ptr(kT_pairs[t.b][t.h]), e.mk, f.mp,
-                                 pair_ptr(w_pairs[t.b][t.h]), f.dvp, c.Dv, o.data_ptr<float>(), o.stride(0),
-                                 lse.data_ptr<float>());
+                                 pair_ptr(w_pairs[t.b][t.h]), f.dvp, c.Dv, static_cast<uint16_t*>(o.data_ptr()),
+                                 o.stride(0), lse.data_ptr<float>());
+        if (!direct) put_rows(out_bh, e.qidx, t.r0, o);
       } else {
+        const bool into_out = direct && out.scalar_type() == at::kFloat;
+        Tensor o = into_out ? out_bh.narrow(0, t.r0, n) : scratch(2, n, c.Dv, c.acc_opts);
         fused::attend_rows(qt.data_ptr<float>(), qt.stride(0), n, c.D, kT_pack[t.b][t.h].data_ptr<float>(), e.mk,
                            f.mp, w_pack[t.b][t.h].data_ptr<float>(), f.dvp, c.Dv, o.data_ptr<float>(), o.stride(0),
                            lse.data_ptr<float>());
+        if (!into_out) store_tile(out_bh, e.qidx, t.r0, o);
       }
-      if (!direct) store_tile(out_bh, e.qidx, t.r0, o);
       if (e.qidx.defined()) put_rows(lse_bh, e.qidx, t.r0, lse);
       return;
     }
@@ -234,7 +238,7 @@ ForwardResult forward_cpu(const Tensor& query, const Tensor& key, const Tensor& 
   ForwardCall f(c, el, r);
   f.heads = heads_of(el, c.H, ElementKind::kNystrom);
   f.fused = use_fused(c.acc, c.ms);
-  f.bf16 = f.fused && query.scalar_type() == at::kBFloat16 && bf16_products();
+  f.bf16 = f.fused && query.scalar_type() == at::kBFloat16 && r.out.scalar_type() == at::kBFloat16 && bf16_products();
   f.mp = round_up(c.ms, fused::kPadColumns);
   f.dvp = round_up(c.Dv, fused::kPadColumns);
   landmarks_and_kernel(f);

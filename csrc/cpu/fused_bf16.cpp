@@ -162,17 +162,39 @@ inline void pair_product_tn(const uint32_t* ap, int64_t lda, int64_t m, int64_t 
   }
 }
 
-// Rows [r0, r0 + n) of the float32 x (ld floats, mp columns) rounded to
-// bfloat16 rows of dst (kMaxLandmarksFused apart); pointers to the kMR rows of
-// the block in p, rows past n repeating the first.
+// Rows [r0, r0 + n) of the float32 x (ld floats, mp columns), times
+// scale[r] when scale is given, rounded to bfloat16 rows of dst
+// (kMaxLandmarksFused apart); pointers to the kMR rows of the block in p, rows
+// past n repeating the first.
 inline void half_block(const float* x, int64_t ld, int n, int64_t mp, uint16_t (*dst)[kMaxLandmarksFused],
-                       const char* (&p)[kMR]) {
+                       const char* (&p)[kMR], const float* scale = nullptr) {
   for (int r = 0; r < kMR; ++r) {
     p[r] = reinterpret_cast<const char*>(dst[r < n ? r : 0]);
     if (r >= n) continue;
-    for (int64_t c = 0; c < mp; c += 16)
+    const __m512 s = _mm512_set1_ps(scale != nullptr ? scale[r] : 1.0f);
+    for (int64_t c = 0; c < mp; c += 16) {
+      const __m512 v = _mm512_loadu_ps(x + r * ld + c);
       _mm256_store_si256(reinterpret_cast<__m256i*>(dst[r] + c),
-                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * ld + c)));
+                         (__m256i)_mm512_cvtneps_pbh(scale != nullptr ? _mm512_mul_ps(v, s) : v));
+    }
+  }
+}
+
+// The first `cols` floats of src as bfloat16 at dst, rounded to nearest even
+// with integer arithmetic and NaN as 0x7fc0, as fused::store_rows does
+// (vcvtneps2bf16 would flush subnormal sums to zero).
+inline void store_bf16_row(const float* src, int64_t cols, uint16_t* dst) {
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 mask = lanes_below(cols, c);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, src + c);
+    const __m512i u = _mm512_castps_si512(v);
+    // (the zero-masking forms: GCC 12's unmasked ones read an undefined
+    // register and warn)
+    const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xffff, u, 16), _mm512_set1_epi32(1));
+    __m512i r =
+        _mm512_maskz_srli_epi32(0xffff, _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(dst + c, mask, _mm512_maskz_cvtepi32_epi16(0xffff, r));
   }
 }
 
@@ -192,20 +214,29 @@ void pack_pairs(const float* src, int64_t lds, int64_t K, int64_t N, uint32_t* d
 }
 
 void attend_rows(const uint16_t* q, int64_t ldq, int64_t rows, int64_t D, const uint32_t* kTp, int64_t m,
-                 int64_t mp, const uint32_t* wp, int64_t ldw, int64_t Dv, float* out, int64_t ldo, float* lse) {
+                 int64_t mp, const uint32_t* wp, int64_t ldw, int64_t Dv, uint16_t* out, int64_t ldo, float* lse) {
   alignas(64) float s[kMR][kMaxLandmarksFused];
   alignas(64) uint16_t p16[kMR][kMaxLandmarksFused];
+  constexpr int64_t kCols = kNV * 16;  // output columns per product block
+  alignas(64) float o[kMR][kCols];
   const int64_t KP = (D + 1) / 2;
   for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
     const char* qr[kMR];
     const int n = pair_row_block(q, ldq * 2, r0, rows, qr);
     // logits of the block: (n x m) = q rows · kT (rows >= n repeat row 0's)
     pair_product(qr, kMR, 4, KP, kTp, mp, mp, &s[0][0], kMaxLandmarksFused);
-    softmax_block(&s[0][0], kMaxLandmarksFused, n, m, mp, lse + r0);
+    // exponentials and lse; the normalisation is folded into the rounding to
+    // bfloat16 (the same products, one pass over the block fewer)
+    float inv[kMR];
+    softmax_block(&s[0][0], kMaxLandmarksFused, n, m, mp, lse + r0, inv);
     const char* pr[kMR];
-    half_block(&s[0][0], kMaxLandmarksFused, n, mp, p16, pr);
-    // out rows = p · w
-    pair_product(pr, n, 4, mp / 2, wp, ldw, Dv, out + r0 * ldo, ldo);
+    half_block(&s[0][0], kMaxLandmarksFused, n, mp, p16, pr, inv);
+    // out rows = p · w, a block of columns at a time, rounded as written
+    for (int64_t c0 = 0; c0 < Dv; c0 += kCols) {
+      const int64_t nc = Dv - c0 < kCols ? Dv - c0 : kCols;
+      pair_product(pr, n, 4, mp / 2, wp + c0, ldw, nc, &o[0][0], kCols);
+      for (int r = 0; r < n; ++r) store_bf16_row(o[r], nc, out + (r0 + r) * ldo + c0);
+    }
   }
 }
 
@@ -276,7 +307,7 @@ void backward_tile(const PairTile& t) {
 namespace nystrom::cpu::fused::bf16 {
 void pack_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) { std::abort(); }
 void attend_rows(const uint16_t*, int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*,
-                 int64_t, int64_t, float*, int64_t, float*) {
+                 int64_t, int64_t, uint16_t*, int64_t, float*) {
   std::abort();
 }
 void key_tile(const uint16_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, const uint32_t*, int64_t,

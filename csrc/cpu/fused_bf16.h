@@ -30,10 +30,12 @@ void pack_pairs(const float* src, int64_t lds, int64_t K, int64_t N, uint32_t* d
 /// D + D % 2 readable, element D zero when D is odd):
 ///   s = q_i · kT over the first m of mp columns, kTp = pack_pairs of kT (D x mp,
 ///   the softmax scale folded in, mp a multiple of 16, <= kMaxLandmarksFused);
-///   lse[i] = log(sum exp s); out_i (out + i * ldo, Dv floats) = softmax(s) · w,
-///   wp = pack_pairs of w (mp x ldw floats, ldw >= Dv rounded up to 16).
+///   lse[i] = log(sum exp s); out_i = softmax(s) · w, wp = pack_pairs of w
+///   (mp x ldw floats, ldw >= Dv rounded up to 16), written as Dv bfloat16
+///   elements at out + i * ldo, rounded once from the float32 sums (to nearest
+///   even, NaN as 0x7fc0: as c10::BFloat16 and fused::store_rows round).
 void attend_rows(const uint16_t* q, int64_t ldq, int64_t rows, int64_t D, const uint32_t* kTp, int64_t m,
-                 int64_t mp, const uint32_t* wp, int64_t ldw, int64_t Dv, float* out, int64_t ldo, float* lse);
+                 int64_t mp, const uint32_t* wp, int64_t ldw, int64_t Dv, uint16_t* out, int64_t ldo, float* lse);
 
 /// key_tile of fused.h with the logits on vdpbf16ps, for bfloat16 key rows
 /// k_i (k + i * ldk elements, as q above) and float32 value rows v_i (v + i *

@@ -289,8 +289,10 @@ inline void exp_in_place(float* x, int64_t n, float shift, float* sum) {
 // a multiple of kW) get probability 0. The rows are processed side by side (six
 // independent chains of maxima, exponentials and sums, not one row's
 // dependent chain after another's); every row must hold finite or -inf logits.
-// lse[r] = the log-sum-exp of row r, for r < rows.
-inline void softmax_block(float* s, int64_t ld, int rows, int64_t m, int64_t mp, float* lse) {
+// lse[r] = the log-sum-exp of row r, for r < rows. With inv given, the rows
+// are left unnormalised and inv[r] = 1 / (row r's sum) for every r < kMR
+// (the caller multiplies by it as it reads them).
+inline void softmax_block(float* s, int64_t ld, int rows, int64_t m, int64_t mp, float* lse, float* inv_out = nullptr) {
   V vm[kMR];
 #pragma GCC unroll 8
   for (int r = 0; r < kMR; ++r) vm[r] = splat(-INFINITY);
@@ -321,8 +323,10 @@ inline void softmax_block(float* s, int64_t ld, int rows, int64_t m, int64_t mp,
   for (int r = 0; r < kMR; ++r) {
     const float sum = hsum(vs[r]);
     inv[r] = splat(1.0f / sum);
+    if (inv_out != nullptr) inv_out[r] = 1.0f / sum;
     if (r < rows) lse[r] = std::log(sum) + mx[r];
   }
+  if (inv_out != nullptr) return;
   for (c = 0; c < mp; c += kW)
 #pragma GCC unroll 8
     for (int r = 0; r < kMR; ++r) store(s + r * ld + c, load(s + r * ld + c) * inv[r]);
