@@ -38,6 +38,7 @@ struct BackwardState {
   const detail::BackwardCall& c;
   const std::vector<Element>& el;
   Tensor dq, dk, dv;           // (B, H, n, d) in the compute dtype
+  Tensor dq_out;               // dq in the input dtype, written by phase 4 (fused, half inputs)
   std::vector<int64_t> heads;  // the Nyström heads
   Tensor q_lm_s, k_lm_s;       // landmarks with the softmax scale folded in
   bool fused = false;
@@ -405,8 +406,22 @@ void spread_query_landmarks(BackwardState& s) {
   run_tasks(static_cast<int64_t>(s.qtiles.size()), tile_rows(c.L, c.B * c.H) * double(c.D), [&](int64_t i) {
     const Tile& t = s.qtiles[i];
     const Element& e = s.el[t.b];
-    add_segment_rows(s.dq[t.b][t.h], e.qidx, t.r0, t.r1, e.Lb, e.mq, s.dql[t.b * c.H + t.h]);
+    const Tensor& share = s.dql[t.b * c.H + t.h];
+    if (s.dq_out.defined()) {
+      // dq + its share, rounded to the input dtype as it is written
+      fused::add_shares_store(rows_of(s.dq[t.b][t.h], e.qidx), rows_of(s.dq_out[t.b][t.h], e.qidx), t.r0, t.r1, e.Lb,
+                              e.mq, share.contiguous().data_ptr<float>(), c.D);
+    } else {
+      add_segment_rows(s.dq[t.b][t.h], e.qidx, t.r0, t.r1, e.Lb, e.mq, share);
+    }
   });
+  if (!s.dq_out.defined()) return;
+  // the heads off the Nyström path (exact elements, elements without
+  // queries or keys) keep their float32 rows: converted as they are
+  std::vector<char> nystrom_head(c.B * c.H, 0);
+  for (int64_t bh : s.heads) nystrom_head[bh] = 1;
+  for (int64_t bh = 0; bh < c.B * c.H; ++bh)
+    if (!nystrom_head[bh]) s.dq_out[bh / c.H][bh % c.H].copy_(s.dq[bh / c.H][bh % c.H]);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(
@@ -436,6 +451,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(
     const at::ScalarType t = c.q.scalar_type();
     return std::make_tuple(converted(dq, t), converted(dk, t), converted(dv, t));
   };
+  // With the fused kernels and half-precision inputs, phase 4 writes dq in
+  // the input dtype as it adds the landmark shares (one pass over dq's
+  // float32 rows instead of two, and no float32 -> half conversion after).
+  const bool dq_rounded_by_phase4 = fused && c.q.scalar_type() != c.acc;
   if (c.B == 0 || c.L == 0) {  // no query: nothing reaches the keys
     dk.zero_();
     dv.zero_();
@@ -454,10 +473,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(
   s.mp = round_up(c.ms, fused::kPadColumns);
   s.dp = round_up(c.D, fused::kPadColumns);
   s.dvp = round_up(c.Dv, fused::kPadColumns);
+  if (dq_rounded_by_phase4) s.dq_out = alloc(c.has_query_mask, {c.B, c.H, c.L, c.D}, true);
   query_pass(s);
   landmark_pass(s);
   key_pass(s);
   spread_query_landmarks(s);
+  if (s.dq_out.defined()) {
+    const at::ScalarType t = c.q.scalar_type();
+    return std::make_tuple(s.dq_out, converted(dk, t), converted(dv, t));
+  }
   return finish();
 }
 

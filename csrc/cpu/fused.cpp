@@ -63,6 +63,10 @@ void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums)
   NYSTROM_FUSED_FORWARD(segment_sums(in, n, ms, d, sums));
 }
 
+void add_shares_store(const Rows& in, const Rows& out, int64_t r0, int64_t r1, int64_t n, int64_t ms,
+                      const float* shares, int64_t cols) {
+  NYSTROM_FUSED_FORWARD(add_shares_store(in, out, r0, r1, n, ms, shares, cols));
+}
 #undef NYSTROM_FUSED_FORWARD
 
 }  // namespace nystrom::cpu::fused

@@ -42,6 +42,14 @@ void load_rows(const Rows& in, int64_t r0, int64_t rows, int64_t cols, float* ds
 /// [0, cols), converted to out.e, for i < rows.
 void store_rows(const float* src, int64_t lds, int64_t r0, int64_t rows, int64_t cols, const Rows& out);
 
+/// Real row r of `out` = real row r of the float32 rows `in` plus shares[s]
+/// (shares: ms x cols floats, row stride cols; s = the segment of r among n
+/// rows cut into ms, element.h), converted to out.e, for r in [r0, r1): the
+/// backward's dq, its landmark share added and rounded in one pass. in and out
+/// take in.idx; both have unit column stride.
+void add_shares_store(const Rows& in, const Rows& out, int64_t r0, int64_t r1, int64_t n, int64_t ms,
+                      const float* shares, int64_t cols);
+
 /// sums (ms x d floats, row stride d) = per segment, the sum of the rows of `in`
 /// in it, for n real rows cut into ms segments (element.h), in row order.
 void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums);
@@ -151,6 +159,8 @@ double newton_schulz_backward(const float* A, float c, const float* Z, int64_t i
   void load_rows(const Rows& in, int64_t r0, int64_t rows, int64_t cols, float* dst, int64_t ldd, int64_t pad_to);  \
   void store_rows(const float* src, int64_t lds, int64_t r0, int64_t rows, int64_t cols, const Rows& out);        \
   void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums);                               \
+  void add_shares_store(const Rows& in, const Rows& out, int64_t r0, int64_t r1, int64_t n, int64_t ms,            \
+                        const float* shares, int64_t cols);                                                         \
   }
 NYSTROM_DECLARE_FUSED(avx2)
 NYSTROM_DECLARE_FUSED(avx512)

@@ -175,6 +175,26 @@ void segment_sums(const Rows& in, int64_t n, int64_t ms, int64_t d, float* sums)
   }
 }
 
+void add_shares_store(const Rows& in, const Rows& out, int64_t r0, int64_t r1, int64_t n, int64_t ms,
+                      const float* shares, int64_t cols) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t row = in.idx != nullptr ? in.idx[r] : r;
+    const float* s = static_cast<const float*>(in.p) + row * in.rs;
+    const float* a = shares + segment_of(r, n, ms) * cols;
+    if (out.e == Elem::kF32) {
+      float* d = static_cast<float*>(const_cast<void*>(out.p)) + row * out.rs;
+      for (int64_t c = 0; c < cols; ++c) d[c] = s[c] + a[c];
+      continue;
+    }
+    // the sum in float32, then one rounding: what adding in place and
+    // store_rows gave, bit for bit
+    uint16_t* d = static_cast<uint16_t*>(const_cast<void*>(out.p)) + row * out.rs;
+    int64_t c = 0;
+    for (; c + kW <= cols; c += kW) store_half(d + c, load(s + c) + load(a + c), out.e);
+    for (; c < cols; ++c) d[c] = float_to_half(s[c] + a[c], out.e);
+  }
+}
+
 void softmax_rows(float* x, int64_t rows, int64_t cols, int64_t ld, float* max, float* sum, bool normalize) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * ld;
