@@ -17,11 +17,19 @@ Same inputs as bench.py (workload.py), B=2, H=8, D=64, m=64, for each dtype:
      linear and small. Everything else (landmarks, the m x m softmax, Newton–Schulz and its
      derivative: O(n·D + m³) per head) is left out of the floor.
    Next to the forward floor, the four products as batched calls with no softmax at all.
+   For bfloat16 / float16 inputs a second floor, the one this op's accuracy allows: the products it
+   keeps in float32 on purpose at the sgemm rate, the others at the peak. Forward: 1 (the key side's
+   Bm·V, whose P stays unrounded: a bv from rounded P made dk up to 3.4x less accurate, docs/DESIGN.md
+   §5); forward+backward: 3 (with dW = Fᵀ·dO and dv = Bmᵀ·dbv, rounded they cost dq, dk 1.8x and dv
+   2.3x in accuracy). It is printed where the dtype's GEMM is the faster (on CPUs with bfloat16 or
+   float16 matrix instructions).
 2. Interleaved comparison: this op and the plain-PyTorch composition (benchmarks/impls.py) in the
    same dtype, run alternately, `--rounds` times each, forward and forward+backward; the minimum of
    each is the least disturbed run (on a shared machine the median moves with the neighbours' load).
 3. First call: in a fresh process per implementation (after import and the inputs are made), the
-   first forward call at the first n against the least of the five calls after it.
+   first forward call at the first n against the least of the five calls after it, with the minor
+   page faults of each of the six calls (getrusage): fresh large buffers are faulted in page by page
+   until glibc's mmap threshold adapts (docs/DESIGN.md §6, "The first call of a process").
 The header names the CPU, its relevant instruction-set extensions and the level the op's CPU
 kernels run at (csrc/cpu/isa.h, NYSTROM_CPU_SIMD).
 """
@@ -41,6 +49,8 @@ from bench import cpu_name  # noqa: E402
 from workload import make_inputs  # noqa: E402
 
 FORWARD_PRODUCTS, FWD_BWD_PRODUCTS = 4, 14
+# of those, kept in float32 for half-precision inputs (see 1. above)
+FLOAT32_KEPT = {"forward": 1, "fwd+bwd": 3}
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 
 
@@ -116,27 +126,30 @@ def interleaved(B, H, n, D, m, dtype, rounds):
 
 
 _FIRST_CALL = r"""
-import sys, time, torch
+import resource, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 import torch_nystrom, impls
 from workload import make_inputs
 name, n, dtype = sys.argv[2], int(sys.argv[3]), getattr(torch, sys.argv[4])
 q, k, v = make_inputs(2, 8, n, 64, dtype)
-times = []
+times, faults = [], []
 with torch.no_grad():
     for _ in range(6):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         getattr(impls, name)(q, k, v, 64)
         times.append(time.perf_counter() - t)
-print(times[0], min(times[1:]))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(times[0], min(times[1:]), *faults)
 """
 
 
 def first_call(name, n, dtype):
+    """(first call s, least of the next five s, minor page faults of each of the six calls)."""
     res = subprocess.run([sys.executable, "-c", _FIRST_CALL, HERE, name, str(n), dtype],
                          capture_output=True, text=True, check=True)
-    first, steady = map(float, res.stdout.split())
-    return first, steady
+    words = res.stdout.split()
+    return float(words[0]), float(words[1]), [int(w) for w in words[2:]]
 
 
 def main():
@@ -173,15 +186,25 @@ def main():
             floor = {"forward": FORWARD_PRODUCTS * per_product, "fwd+bwd": FWD_BWD_PRODUCTS * per_product}
             say(f"{dtype} n={n}: floors at peak: forward {floor['forward'] * 1e3:.1f} ms, forward+backward "
                 f"{floor['fwd+bwd'] * 1e3:.1f} ms; the four forward products as batched calls {batched * 1e3:.1f} ms")
+            if peak > sgemm:
+                kept = {mode: (FLOAT32_KEPT[mode] * peak / sgemm - FLOAT32_KEPT[mode]) * per_product
+                        for mode in floor}
+                say(f"  with the products this op keeps in float32 at the sgemm rate: forward "
+                    f"{(floor['forward'] + kept['forward']) * 1e3:.1f} ms, forward+backward "
+                    f"{(floor['fwd+bwd'] + kept['fwd+bwd']) * 1e3:.1f} ms")
+            else:
+                kept = {mode: 0.0 for mode in floor}
             for mode in ("forward", "fwd+bwd"):
                 o, c = best[(mode, "ours")], best[(mode, "composition")]
-                say(f"  {mode:8s} torch_nystrom {o * 1e3:7.1f} ms ({o / floor[mode]:.2f}x its floor), "
+                extra = f", {o / (floor[mode] + kept[mode]):.2f}x the float32-kept one" if kept[mode] else ""
+                say(f"  {mode:8s} torch_nystrom {o * 1e3:7.1f} ms ({o / floor[mode]:.2f}x its floor{extra}), "
                     f"composition {c * 1e3:7.1f} ms, composition / torch_nystrom {c / o:.2f}x")
         n0 = args.n[0]
         for name in ("ours", "composition"):
-            first, steady = first_call(name, n0, dtype)
+            first, steady, faults = first_call(name, n0, dtype)
             say(f"  first call of a fresh process, {dtype} n={n0} forward, {impls.__name__}.{name}: "
-                f"{first * 1e3:.1f} ms, steady {steady * 1e3:.1f} ms, first / steady {first / steady:.2f}x")
+                f"{first * 1e3:.1f} ms, steady {steady * 1e3:.1f} ms, first / steady {first / steady:.2f}x; "
+                f"minor page faults per call {' '.join(map(str, faults))}")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
