@@ -112,5 +112,13 @@ __device__ __forceinline__ const T* row_ptr(const RowsView& x, int b, int h, int
 // segment_start and segment_of (the segments of docs/DESIGN.md §2 step 2)
 // come from element.h.
 
+// Keys per split of the Bm·V pass: ny real keys cut into `splits` ranges, each
+// a multiple of `align` rows (the kernel's chunk); split s covers
+// [min(ny, s·per), min(ny, (s + 1)·per)), the last ones possibly empty. The
+// merge of the key landmarks finds a segment's splits with the same length.
+__device__ __forceinline__ int split_length(int ny, int splits, int align) {
+  return ((ny + splits - 1) / splits + align - 1) / align * align;
+}
+
 }  // namespace kern
 }  // namespace nystrom::cuda

@@ -70,6 +70,7 @@ struct ForwardArgs {
   void* part_sum;
   void* part_acc;     // landmark pass: (B*H, splits, ms, Dv)
   int splits;
+  void* part_klm;     // tensor-core landmark pass: key segment sums (B*H, splits, ms, D) float, or null
 };
 
 template <typename TX, typename TY, typename TO, typename A, int RPW, int NJ, bool kLandmarkPass>

@@ -261,6 +261,13 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
 // Bm·V partials over one key split: owner rows are the (at most 64) query
 // landmarks of a Nyström element, keys and values arrive 64 at a time, with
 // an online softmax per row (rescaling the float32 running product in smem).
+// With a.part_klm it also pools the key landmarks from the staged key rows, so
+// that the forward reads k once: thread c < D walks column c of each chunk in
+// row order with a float32 running sum and flushes it at every segment
+// boundary (segment_of / segment_start over the element's mk segments) and at
+// the end of the split, to part_klm (B*H, splits, ms, D) at (head, split,
+// segment). Only the first and last segment of a split can be partial;
+// tc_key_landmark_kernel adds a segment's splits in split order.
 template <typename T, int D, int DV>
 __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardArgs a) {
   static_assert((kTcSlots * D / 8) % (kTcWarps * 32) == 0 && (kTcSlots * DV / 8) % (kTcWarps * 32) == 0,
@@ -270,7 +277,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
   const Elem e = element(p, b);
   if (!selected(e, Only::kNystrom)) return;
   const int nx = e.mq, ny = e.Sb;
-  const int per = ((ny + a.splits - 1) / a.splits + kTcSlots - 1) / kTcSlots * kTcSlots;
+  const int per = split_length(ny, a.splits, kTcSlots);
   const int y0 = min(ny, static_cast<int>(blockIdx.y) * per), y1 = min(ny, y0 + per);
   NYSTROM_DYNAMIC_SHARED(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [64][D] all owner rows
@@ -295,6 +302,15 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
   const int r = lane >> 1, half = lane & 1;
   float m_run = -CUDART_INF_F, l_run = 0.0f;  // row r's statistics (both lanes of the pair agree)
   const T* sQw = sQ + warp * kTcRows * D;
+  // Key pooling (warp-uniform: D is a multiple of 32): the segment of the
+  // current row, the first row of the next segment, column tid's running sum.
+  const bool pool = a.part_klm != nullptr && tid < D;
+  float* kpart = pool ? static_cast<float*>(a.part_klm) +
+                            (static_cast<int64_t>(bh) * a.splits + blockIdx.y) * p.ms * D + tid
+                      : nullptr;
+  int seg = y0 < y1 ? static_cast<int>(segment_of(y0, ny, e.mk)) : 0;
+  int next = static_cast<int>(segment_start(seg + 1, ny, e.mk));
+  float ksum = 0.0f;
 
   for (int c0 = y0; c0 < y1; c0 += kTcSlots) {
     __syncthreads();  // the previous chunk is consumed (and sQ is loaded)
@@ -302,6 +318,23 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
     tc_stage_rows<T, D, kTcSlots, kTcWarps * 32>(sK, a.y, b, h, c0, y1, tid);
     tc_stage_rows<T, DV, kTcSlots, kTcWarps * 32>(sV, a.v, b, h, c0, y1, tid);
     __syncthreads();
+    if (pool) {  // sK is read only until the next chunk's barrier
+      // Runs of rows of one segment, without a per-row test (a chunk meets
+      // one or two segments at 16K keys, 64 landmarks); each boundary flushes
+      // the finished segment. Segments have at least one row (mk <= ny).
+      const int rows = min(kTcSlots, y1 - c0);
+      int rr = 0;
+      for (;;) {
+        const int stop = min(rows, next - c0);
+#pragma unroll 4
+        for (; rr < stop; ++rr) ksum += to_acc<float>(sK[rr * D + tid]);
+        if (rr == rows) break;
+        kpart[static_cast<int64_t>(seg) * D] = ksum;  // row c0 + rr starts segment seg + 1
+        ksum = 0.0f;
+        ++seg;
+        next = static_cast<int>(segment_start(seg + 1, ny, e.mk));
+      }
+    }
     tc_logits<T, D>(sQw, sK, sS);
     __syncwarp();
     const int valid = y1 - c0;  // keys of this chunk
@@ -330,6 +363,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
     tc_product<T, DV>(sP, sV, sO, /*accumulate=*/true);
     __syncwarp();
   }
+  if (pool && y0 < y1) kpart[static_cast<int64_t>(seg) * D] = ksum;  // the split's last segment
   const int gr = warp * kTcRows + r;
   if (gr < nx && half == 0) {
     const int64_t slot = (static_cast<int64_t>(bh) * a.splits + blockIdx.y) * p.ms + gr;
@@ -342,6 +376,30 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
     if (rr >= nx) continue;
     const int64_t slot = (static_cast<int64_t>(bh) * a.splits + blockIdx.y) * p.ms + rr;
     static_cast<float*>(a.part_acc)[slot * DV + i % DV] = sO[i];
+  }
+}
+
+// Key landmarks of the Nyström elements from tc_landmark_kernel's segment
+// sums: a block per (segment j, head) adds, per column, the partials of the
+// splits that meet segment j, in split order, and divides by its size (as
+// pool_kernel does: times 1/size). k_lm (B, H, ms, D) float; rows j >= mk and
+// other elements are left alone. T: the input dtype (one instantiation per
+// inst_*.cu).
+template <typename T>
+__global__ void __launch_bounds__(kTcWarps * 32) tc_key_landmark_kernel(Problem p, int bh0, int splits,
+                                                                       const float* part_klm, float* k_lm) {
+  const int j = blockIdx.x, bh = bh0 + blockIdx.y, b = bh / p.H;
+  const Elem e = element(p, b);
+  if (e.kind != ElementKind::kNystrom || j >= e.mk) return;
+  const int ny = e.Sb;
+  const int64_t r0 = segment_start(j, ny, e.mk), r1 = segment_start(j + 1, ny, e.mk);
+  const int per = split_length(ny, splits, kTcSlots);
+  const int s0 = static_cast<int>(r0 / per), s1 = static_cast<int>((r1 - 1) / per);
+  const float inv = 1.0f / static_cast<float>(r1 - r0);
+  for (int c = threadIdx.x; c < p.D; c += blockDim.x) {
+    float s = 0.0f;
+    for (int sp = s0; sp <= s1; ++sp) s += part_klm[((static_cast<int64_t>(bh) * splits + sp) * p.ms + j) * p.D + c];
+    k_lm[(static_cast<int64_t>(bh) * p.ms + j) * p.D + c] = s * inv;
   }
 }
 

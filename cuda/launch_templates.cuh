@@ -132,9 +132,21 @@ bool tc_usable(const Problem& p) {
   return need <= p.smem_optin;
 }
 
+// Whether the Bm·V pass runs tc_landmark_kernel, which also pools the key
+// landmarks of the Nyström elements (landmark_partials' part_klm).
+template <typename T>
+bool landmark_pools_keys_t(const Problem& p) {
+  if constexpr (is_half<T>()) {
+    return tc_usable<T, true>(p);
+  } else {
+    return false;
+  }
+}
+
 template <typename T>
 cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, RowsView v, int splits,
-                                void* part_max, void* part_sum, void* part_acc, cudaStream_t stream) {
+                                void* part_max, void* part_sum, void* part_acc, void* part_klm,
+                                cudaStream_t stream) {
   ForwardArgs a{};
   a.p = p;
   a.x = RowsView{q_lm, static_cast<int64_t>(p.H) * p.ms * p.D, static_cast<int64_t>(p.ms) * p.D, p.D, nullptr, 0};
@@ -145,6 +157,7 @@ cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, 
   a.part_acc = part_acc;
   a.splits = splits;
   if constexpr (is_half<T>()) {
+    a.part_klm = part_klm;
     if (tc_usable<T, true>(p)) return tc_forward<T, true>(a, 1, 1, stream);
   }
   const int BR = kWarps * rpw<T>();
@@ -153,13 +166,22 @@ cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, 
 
 template <typename T>
 cudaError_t merge_t(const Problem& p, int splits, const void* part_max, const void* part_sum, const void* part_acc,
-                    void* bv, void* lse_l, cudaStream_t stream) {
+                    void* bv, void* lse_l, const void* part_klm, void* k_lm, cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  return for_head_slices(p.B * p.H, [&](int bh0, int n) {
+  const cudaError_t err = for_head_slices(p.B * p.H, [&](int bh0, int n) {
     NYSTROM_LAUNCH(merge_kernel<A>, dim3(p.ms, n), kThreads, 0, stream)(
         p, bh0, splits, static_cast<const A*>(part_max), static_cast<const A*>(part_sum),
         static_cast<const A*>(part_acc), static_cast<A*>(bv), static_cast<A*>(lse_l));
   });
+  if (err != cudaSuccess || part_klm == nullptr) return err;
+  if constexpr (is_half<T>()) {
+    return for_head_slices(p.B * p.H, [&](int bh0, int n) {
+      NYSTROM_LAUNCH(tc_key_landmark_kernel<T>, dim3(p.ms, n), kTcWarps * 32, 0, stream)(
+          p, bh0, splits, static_cast<const float*>(part_klm), static_cast<float*>(k_lm));
+    });
+  } else {
+    return cudaErrorInvalidValue;  // only the tensor-core pass writes key partials
+  }
 }
 
 template <typename T>
@@ -444,10 +466,11 @@ cudaError_t spread_t(const Problem& p, Side side, Only only, const void* src, in
 // declared extern in launchers.cu (PREFIX extern).
 #define NYSTROM_LAUNCHERS(PREFIX, T)                                                                          \
   PREFIX template cudaError_t pool_t<T>(const Problem&, Side, Only, RowsView, int, void*, cudaStream_t);                 \
+  PREFIX template bool landmark_pools_keys_t<T>(const Problem&);                                                        \
   PREFIX template cudaError_t landmark_partials_t<T>(const Problem&, const void*, RowsView, RowsView, int, void*, void*, \
-                                              void*, cudaStream_t);                                               \
+                                              void*, void*, cudaStream_t);                                        \
   PREFIX template cudaError_t merge_t<T>(const Problem&, int, const void*, const void*, const void*, void*, void*,       \
-                                  cudaStream_t);                                                                  \
+                                  const void*, void*, cudaStream_t);                                              \
   PREFIX template cudaError_t query_rows_t<T>(const Problem&, RowsView, const void*, const void*, MutRowsView, void*,    \
                                        cudaStream_t);                                                             \
   PREFIX template cudaError_t newton_schulz_t<T>(int, int, int, int, const void*, const void*, const void*, void*,       \

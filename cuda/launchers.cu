@@ -47,19 +47,28 @@ size_t backward_smem(DType dt, int D, int Dv) {
   return dt == DType::kFloat64 ? kern::backward_smem_t<double>(D, Dv) : kern::backward_smem_t<float>(D, Dv);
 }
 
+bool landmark_pass_pools_keys(DType dt, const Problem& p) {
+  if (dt == DType::kFloat16) return kern::landmark_pools_keys_t<__half>(p);
+  if (dt == DType::kBFloat16) return kern::landmark_pools_keys_t<__nv_bfloat16>(p);
+  return false;
+}
+
 cudaError_t landmark_partials(DType dt, const Problem& p, const void* q_lm, RowsView k, RowsView v, int splits,
-                              void* part_max, void* part_sum, void* part_acc, cudaStream_t stream) {
+                              void* part_max, void* part_sum, void* part_acc, void* part_klm, cudaStream_t stream) {
   if (p.B * p.H == 0 || p.ms == 0) return cudaSuccess;
+  if (part_klm != nullptr && !landmark_pass_pools_keys(dt, p)) return cudaErrorInvalidValue;
   return by_dtype(dt, [&](auto t) {
-    return kern::landmark_partials_t<decltype(t)>(p, q_lm, k, v, splits, part_max, part_sum, part_acc, stream);
+    return kern::landmark_partials_t<decltype(t)>(p, q_lm, k, v, splits, part_max, part_sum, part_acc, part_klm,
+                                                  stream);
   });
 }
 
 cudaError_t merge_partials(DType dt, const Problem& p, int splits, const void* part_max, const void* part_sum,
-                           const void* part_acc, void* bv, void* lse_l, cudaStream_t stream) {
+                           const void* part_acc, void* bv, void* lse_l, const void* part_klm, void* k_lm,
+                           cudaStream_t stream) {
   if (p.B * p.H == 0 || p.ms == 0) return cudaSuccess;
   return by_dtype(dt, [&](auto t) {
-    return kern::merge_t<decltype(t)>(p, splits, part_max, part_sum, part_acc, bv, lse_l, stream);
+    return kern::merge_t<decltype(t)>(p, splits, part_max, part_sum, part_acc, bv, lse_l, part_klm, k_lm, stream);
   });
 }
 

@@ -81,15 +81,26 @@ int landmark_blocks_per_head(DType dt, const Problem& p);
 size_t softmax_matmul_smem(DType dt, int D, int Dv);
 size_t backward_smem(DType dt, int D, int Dv);
 
+/// Whether landmark_partials can pool the key landmarks of the Nyström
+/// elements while it streams their keys (the tensor-core Bm·V kernel serves
+/// the call): then the forward passes part_klm and k_lm and reads k once.
+bool landmark_pass_pools_keys(DType dt, const Problem& p);
+
 /// Bm·V, split over the keys: for every Nyström element, partial row maxima,
 /// row sums and unnormalised products of softmax(scale q̃ kᵀ) v over `splits`
 /// key ranges: part_max/part_sum (B*H, splits, ms), part_acc (B*H, splits, ms, Dv).
+/// part_klm (only where landmark_pass_pools_keys, else null): the float sums
+/// of each key segment's rows within each split, (B*H, splits, ms, D), written
+/// at the (split, segment) pairs that meet.
 cudaError_t landmark_partials(DType dt, const Problem& p, const void* q_lm, RowsView k, RowsView v, int splits,
-                              void* part_max, void* part_sum, void* part_acc, cudaStream_t stream);
+                              void* part_max, void* part_sum, void* part_acc, void* part_klm, cudaStream_t stream);
 
-/// Merges the partials: bv (B, H, ms, Dv) = Bm·V and lse_l (B, H, ms).
+/// Merges the partials: bv (B, H, ms, Dv) = Bm·V and lse_l (B, H, ms); with
+/// part_klm (landmark_partials' key sums) also the key landmarks of the
+/// Nyström elements, k_lm (B, H, ms, D) float (the rest is left alone).
 cudaError_t merge_partials(DType dt, const Problem& p, int splits, const void* part_max, const void* part_sum,
-                           const void* part_acc, void* bv, void* lse_l, cudaStream_t stream);
+                           const void* part_acc, void* bv, void* lse_l, const void* part_klm, void* k_lm,
+                           cudaStream_t stream);
 
 /// out rows = softmax(scale q k̃ᵀ)·W for every non-empty element, with the
 /// row log-sum-exp in lse_q (B, H, L) at the real positions. k̃ = k_lm

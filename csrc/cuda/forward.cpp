@@ -5,11 +5,14 @@
 //      (a stable sort of the mask), so kernels see only real tokens;
 //   2. landmarks q̃, k̃ (segment means; for elements on the exact path the
 //      "segments" are single tokens, so k̃ is the keys themselves and the
-//      pooled values W are the values);
-//   3. A = softmax(scale q̃ k̃ᵀ) and its column-sum scale c: m x m per head,
+//      pooled values W are the values); where the tensor-core Bm·V kernel
+//      serves the call, k̃ of the Nyström elements comes from step 3 instead,
+//      so that k is read once;
+//   3. Bm·V: softmax over the keys with the key length split across thread
+//      blocks (online softmax partials, then a merge); it needs only q̃ (and
+//      on the tensor cores pools k̃ from the key rows it stages);
+//   4. A = softmax(scale q̃ k̃ᵀ) and its column-sum scale c: m x m per head,
 //      batched ATen calls (cuBLAS);
-//   4. Bm·V: softmax over the keys with the key length split across thread
-//      blocks (online softmax partials, then a merge);
 //   5. Z = pinv(A) by Newton–Schulz (a fused shared-memory kernel for m up to
 //      64, or 128 in float32 where the GPU has the shared memory; batched
 //      cuBLAS products otherwise) and zbv = Z·bv;
@@ -47,27 +50,21 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   const cudaStream_t stream = current_stream();
   const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index);
 
-  // Step 2: landmarks; pooled values for the exact path.
+  // Step 2: landmarks; pooled values for the exact path. Where the
+  // tensor-core Bm·V pass serves the call it pools k̃ of the Nyström elements
+  // (step 3): here only the exact elements' k̃ (their keys).
+  const bool keys_in_pass = gpu::landmark_pass_pools_keys(lay.dt, p);
   Tensor v_lm = at::zeros({B, H, ms, Dv}, call.acc_opts);
   check_launch(gpu::pool_landmarks(lay.dt, p, gpu::Side::kQuery, gpu::Only::kAll, qv, p.D, r.q_landmarks.data_ptr(),
                                    stream),
                op, "query landmarks");
-  check_launch(gpu::pool_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kAll, kv, p.D, r.k_landmarks.data_ptr(),
-                                   stream),
+  check_launch(gpu::pool_landmarks(lay.dt, p, gpu::Side::kKey, keys_in_pass ? gpu::Only::kExact : gpu::Only::kAll, kv,
+                                   p.D, r.k_landmarks.data_ptr(), stream),
                op, "key landmarks");
   check_launch(gpu::pool_landmarks(lay.dt, p, gpu::Side::kKey, gpu::Only::kExact, vv, p.Dv, v_lm.data_ptr(), stream),
                op, "values of exact elements");
 
-  // Step 3: A and c, in float64 when torch's TF32 switches would round
-  // float32 products (layout.h).
-  const at::ScalarType mt = m_by_m_in_float64(r.q_landmarks) ? at::kDouble : call.acc;
-  Tensor A = landmark_kernel_matrix(lay, r.q_landmarks.to(mt), r.k_landmarks.to(mt));
-  Tensor c = A.sum(-2).amax(-1);  // (B, H); 0 off the Nyström path
-  if (o.original_init) c = at::where(lay.nys.reshape({B, H}), c.amax(), c);
-  r.pinv_scale.copy_(c);
-  Tensor c_safe = at::where(lay.nys.reshape({B, H}), c, at::ones({}, c.options())).contiguous();
-
-  // Step 4: Bm·V with the keys split across blocks: as many splits as keep
+  // Step 3: Bm·V with the keys split across blocks: as many splits as keep
   // the grid within two blocks per multiprocessor (one wave). With B·H = 64
   // on 132 SMs the tensor-core kernel (one block per head and split) gets 4
   // splits, 256 blocks on 264 slots; counting it as two blocks per head and
@@ -78,13 +75,28 @@ ForwardResult forward_cuda(const Tensor& query, const Tensor& key, const Tensor&
   Tensor part_max = at::empty({B * H, splits, ms}, call.acc_opts);
   Tensor part_sum = at::empty({B * H, splits, ms}, call.acc_opts);
   Tensor part_acc = at::empty({B * H, splits, ms, Dv}, call.acc_opts);
-  for (const Tensor& t : {part_max, part_sum, part_acc}) poison_for_kernels(t);
+  // The key segment sums of each split (float32 (B·H, splits, ms, D)).
+  Tensor part_klm = keys_in_pass ? at::empty({B * H, splits, ms, D}, call.acc_opts) : Tensor();
+  for (const Tensor& t : {part_max, part_sum, part_acc, part_klm})
+    if (t.defined()) poison_for_kernels(t);
+  void* const part_klm_ptr = keys_in_pass ? part_klm.data_ptr() : nullptr;
   check_launch(gpu::landmark_partials(lay.dt, p, r.q_landmarks.data_ptr(), kv, vv, static_cast<int>(splits),
-                                      part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(), stream),
+                                      part_max.data_ptr(), part_sum.data_ptr(), part_acc.data_ptr(), part_klm_ptr,
+                                      stream),
                op, "Bm·V partials");
   check_launch(gpu::merge_partials(lay.dt, p, static_cast<int>(splits), part_max.data_ptr(), part_sum.data_ptr(),
-                                   part_acc.data_ptr(), r.bv.data_ptr(), r.lse_landmark.data_ptr(), stream),
+                                   part_acc.data_ptr(), r.bv.data_ptr(), r.lse_landmark.data_ptr(), part_klm_ptr,
+                                   r.k_landmarks.data_ptr(), stream),
                op, "Bm·V merge");
+
+  // Step 4: A and c (k̃ is complete now), in float64 when torch's TF32
+  // switches would round float32 products (layout.h).
+  const at::ScalarType mt = m_by_m_in_float64(r.q_landmarks) ? at::kDouble : call.acc;
+  Tensor A = landmark_kernel_matrix(lay, r.q_landmarks.to(mt), r.k_landmarks.to(mt));
+  Tensor c = A.sum(-2).amax(-1);  // (B, H); 0 off the Nyström path
+  if (o.original_init) c = at::where(lay.nys.reshape({B, H}), c.amax(), c);
+  r.pinv_scale.copy_(c);
+  Tensor c_safe = at::where(lay.nys.reshape({B, H}), c, at::ones({}, c.options())).contiguous();
 
   // Step 5: Z = pinv(A), zbv = Z·bv: the fused kernel where the shared memory
   // allows, batched ATen products (in the m x m dtype) otherwise.
