@@ -1,6 +1,7 @@
 // The launchers of launchers.h: a switch over the dtype into the launch
 // templates (launch_templates.cuh), instantiated in inst_<dtype>.cu.
 #include "launch_templates.cuh"
+#include "grid.h"
 
 namespace nystrom::cuda {
 namespace kern {
@@ -150,6 +151,16 @@ bool tc_backward_serves(DType dt, const Problem& p, Side side) {
   if (dt == DType::kBFloat16)
     return key ? kern::tc_backward_usable<__nv_bfloat16, true>(p) : kern::tc_backward_usable<__nv_bfloat16, false>(p);
   return false;
+}
+
+int tc_backward_blocks_per_sm(DType dt, const Problem& p, TcPass pass) {
+  static_assert(kTcTileRows == kern::kTcWarps * kern::kTcRows, "the tensor-core backward's row tile");
+  if (dt != DType::kFloat16 && dt != DType::kBFloat16) return 1;
+  using T = __half;  // the shared memory of the two half types is the same
+  const size_t smem = pass == TcPass::kQuerySide ? kern::tc_backward_query_smem<T>(p.D, p.Dv)
+                      : pass == TcPass::kKeySide ? kern::tc_backward_key_smem<T>(p.D, p.Dv)
+                                                 : kern::tc_backward_dq_smem<T>(p.D);
+  return blocks_by_smem(smem, p.smem_optin);
 }
 
 cudaError_t backward_query_tc(DType dt, const Problem& p, RowsView q, RowsView dout, const void* k_lm, const void* w,

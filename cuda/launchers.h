@@ -167,6 +167,14 @@ cudaError_t backward_key(DType dt, const Problem& p, RowsView k, RowsView v, con
 /// D = Dv = 128 has the key side only).
 bool tc_backward_serves(DType dt, const Problem& p, Side side);
 
+/// The passes of the tensor-core backward, for tc_backward_blocks_per_sm.
+enum class TcPass { kQuerySide = 0, kKeySide = 1, kDq = 2 };
+/// Rows of one tile of the tensor-core backward passes (4 warps x 16 rows).
+constexpr int kTcTileRows = 64;
+/// Blocks of that pass resident per multiprocessor, as its shared memory for
+/// p's head dims allows (grid.h: blocks_by_smem); 1 for other dtypes.
+int tc_backward_blocks_per_sm(DType dt, const Problem& p, TcPass pass);
+
 /// Rounded dS rows of the tensor-core query side: (B*H, L, kTcDsWidth) in the
 /// input dtype, real rows in order (row r of element b at r).
 constexpr int kTcDsWidth = 64;

@@ -81,9 +81,24 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   const gpu::RowsView qv = view_of(q, lay.q_index), kv = view_of(k, lay.k_index), vv = view_of(v, lay.k_index),
                     gv = view_of(dO, lay.q_index);
   const int64_t rows = gpu::rows_per_block(lay.dt);
+  // Blocks per head of a pass over n rows: the tensor-core passes (one to four
+  // resident blocks per SM, 64-row tiles) in whole waves (grid.h:
+  // groups_for_waves), at most 8 per head (each group of the two sides has a
+  // zeroed partial slice of ms x (D + Dv) floats per head to sum, each block of
+  // the dq pass converts k̃ once: more groups would buy a few percent of tail
+  // for far more of that traffic); the CUDA-core kernels two blocks per SM,
+  // rounded up, at most one per row tile.
+  auto groups = [&](int64_t n, bool tc, gpu::TcPass pass) -> int64_t {
+    if (tc) {
+      const int64_t tiles = (n + gpu::kTcTileRows - 1) / gpu::kTcTileRows;
+      return gpu::groups_for_waves(B * H, tiles, gpu::tc_backward_blocks_per_sm(lay.dt, p, pass), p.sm_count,
+                                   /*max_groups=*/8);
+    }
+    return std::clamp<int64_t>((target_blocks(lay) + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (n + rows - 1) / rows));
+  };
 
   // Step 1. Query side, every element: dq (direct), dk̃ and dW partials.
-  const int64_t g1 = std::clamp<int64_t>((target_blocks(lay) + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (L + rows - 1) / rows));
+  const int64_t g1 = groups(L, tc_q, gpu::TcPass::kQuerySide);
   Tensor part_dkl = at::zeros({B * H, g1, ms, D}, acc_opts);
   Tensor part_dw = at::zeros({B * H, g1, ms, Dv}, acc_opts);
   if (tc_q) {
@@ -170,7 +185,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   }
 
   // Step 4. Key side, Nyström elements: dk (direct), dv, dq̃ partials.
-  const int64_t g3 = std::clamp<int64_t>((target_blocks(lay) + B * H - 1) / (B * H), 1, std::max<int64_t>(1, (S + rows - 1) / rows));
+  const int64_t g3 = groups(S, tc_k, gpu::TcPass::kKeySide);
   Tensor part_dql = at::zeros({B * H, g3, ms, D}, acc_opts);
   dkl = dkl.contiguous();
   if (tc_k) {
@@ -200,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(
   }
   if (tc_q) {
     check_launch(gpu::backward_dq_tc(lay.dt, p, qv, k_lm.data_ptr(), ds.data_ptr(), dql.data_ptr(),
-                                     static_cast<int>(g1), dq.data_ptr(), stream),
+                                     static_cast<int>(groups(L, true, gpu::TcPass::kDq)), dq.data_ptr(), stream),
                  op, "query gradient");
   } else {
     check_launch(gpu::spread_landmarks(lay.dt, p, gpu::Side::kQuery, gpu::Only::kNystrom, dql.data_ptr(), p.D,

@@ -8,6 +8,7 @@
 #include "checks.h"
 #include "cuda/device.h"
 
+#include "grid.h"
 #include "launchers.h"
 
 #include <ATen/ATen.h>

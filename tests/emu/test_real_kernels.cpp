@@ -15,8 +15,10 @@
 #include "forward_kernels.cuh"
 #include "forward_tc_kernels.cuh"
 #include "newton_schulz_kernel.cuh"
+#include "grid.h"
 #pragma GCC diagnostic pop
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -370,6 +372,60 @@ TEST(TensorCoreSoftmax, ColumnOrderIsFreeOfBankConflicts) {
       seen[c] = true;
     }
   }
+}
+
+// Grid sizing of the strided backward passes (grid.h), against a brute-force
+// count of the pass's time in tile times: per group count, the waves of
+// resident blocks times the tiles of the busiest block.
+TEST(Grid, GroupsForWavesMinimiseWholeWaves) {
+  namespace c = nystrom::cuda;
+  auto time_of = [](int64_t heads, int64_t tiles, int per_sm, int sms, int64_t g) {
+    const int64_t slots = static_cast<int64_t>(per_sm) * sms;
+    int64_t waves = 0;
+    for (int64_t blocks = heads * g; blocks > 0; blocks -= slots) ++waves;
+    int64_t busiest = 0;
+    for (int64_t b = 0; b < g; ++b) {
+      int64_t own = 0;
+      for (int64_t t = b; t < tiles; t += g) ++own;
+      busiest = std::max(busiest, own);
+    }
+    return waves * busiest;
+  };
+  for (int64_t heads : {1, 6, 64, 131, 132, 133, 500}) {
+    for (int64_t tiles : {1, 2, 3, 17, 256, 2048}) {
+      for (int per_sm : {1, 4}) {
+        for (int max_groups : {8, 1024}) {
+          const int g = c::groups_for_waves(heads, tiles, per_sm, 132, max_groups);
+          ASSERT_GE(g, 1);
+          ASSERT_LE(g, std::min<int64_t>(tiles, max_groups));
+          int64_t best = -1;
+          int best_g = 0;
+          for (int64_t h = 1; h <= std::min<int64_t>(tiles, max_groups); ++h) {
+            const int64_t t = time_of(heads, tiles, per_sm, 132, h);
+            if (best < 0 || t < best) best = t, best_g = static_cast<int>(h);
+          }
+          EXPECT_EQ(g, best_g) << "heads " << heads << " tiles " << tiles << " per_sm " << per_sm;
+        }
+      }
+    }
+  }
+  // The H200 case of docs/DESIGN.md §7: 64 heads, one resident block per SM,
+  // 256 tiles at n = 16K: 2 groups (one wave of 128 blocks), not the 5 (320
+  // blocks, three waves) of "two blocks per SM, rounded up".
+  EXPECT_EQ(c::groups_for_waves(64, 256, 1, 132, 8), 2);
+  EXPECT_EQ(c::groups_for_waves(64, 256, 4, 132, 8), 8);
+  EXPECT_EQ(c::groups_for_waves(0, 256, 1, 132), 1);
+  EXPECT_EQ(c::groups_for_waves(64, 0, 1, 132), 1);
+}
+
+TEST(Grid, BlocksBySharedMemory) {
+  namespace c = nystrom::cuda;
+  const size_t h100 = 227 * 1024, a100 = 163 * 1024;
+  EXPECT_EQ(c::blocks_by_smem(176 * 1024, h100), 1);
+  EXPECT_EQ(c::blocks_by_smem(56 * 1024, h100), 4);
+  EXPECT_EQ(c::blocks_by_smem(56 * 1024, a100), 2);
+  EXPECT_EQ(c::blocks_by_smem(0, h100), 8);          // capped
+  EXPECT_EQ(c::blocks_by_smem(300 * 1024, h100), 1);  // never 0: the launch itself refuses
 }
 
 }  // namespace
