@@ -107,6 +107,19 @@ Array& static_shared_array(Tag, Site site) {
 
 std::uint64_t shfl_xor(unsigned mask, std::uint64_t bits, int lane_mask, int width, Site site);
 
+/// Asynchronous copies from global to shared memory (cp.async; the CUDA
+/// pipeline primitives of cuda_pipeline_primitives.h). A thread's copies form
+/// batches, each closed by a commit; a wait completes every batch but the
+/// `prior` most recent. The hardware may land a copy at any time between its
+/// issue and its wait: the emulator lands it at the wait, except under the
+/// reversed schedule, where it lands at the issue. A read before the wait then
+/// sees the poisoned or stale bytes (in order, random), and a copy issued into
+/// a buffer other threads still read overwrites it under their feet
+/// (reversed). A thread that returns with copies it never waited for is a fault.
+void async_copy(void* dst, const void* src, std::size_t bytes, std::size_t zfill, Site site);
+void async_commit(Site site);
+void async_wait_prior(std::size_t prior, Site site);
+
 }  // namespace detail
 }  // namespace nystrom::emu
 
@@ -139,6 +152,19 @@ inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSi
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
+}
+
+// cuda_pipeline_primitives.h: 4, 8 or 16 bytes from global to shared memory,
+// both aligned to the size; the last `zfill` bytes of the destination are zeros.
+inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global, std::size_t size_and_align,
+                                    std::size_t zfill = 0, ::nystrom::emu::Site site = ::nystrom::emu::Site::here()) {
+  ::nystrom::emu::detail::async_copy(dst_shared, src_global, size_and_align, zfill, site);
+}
+inline void __pipeline_commit(::nystrom::emu::Site site = ::nystrom::emu::Site::here()) {
+  ::nystrom::emu::detail::async_commit(site);
+}
+inline void __pipeline_wait_prior(std::size_t prior, ::nystrom::emu::Site site = ::nystrom::emu::Site::here()) {
+  ::nystrom::emu::detail::async_wait_prior(prior, site);
 }
 
 template <class T>

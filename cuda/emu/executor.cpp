@@ -162,6 +162,12 @@ void Executor::fiber_main() {
 
 void Executor::exit_current() {
   Fiber* self = current_;
+  if (!self->async.empty()) {
+    const AsyncCopy& c = self->async.front();
+    record(&c.site, std::to_string(self->async.size()) +
+                        " asynchronous copies (__pipeline_memcpy_async) were never waited for: the thread returns "
+                        "before a __pipeline_wait_prior covers their batch (data loaded and never used)");
+  }
   self->state = State::kExited;
   ++exited_;
   Warp& w = warps_[static_cast<std::size_t>(self->warp)];
@@ -435,6 +441,62 @@ void* Executor::static_shared(const void* key, std::size_t size, std::size_t ali
   return static_arena_ + offset;
 }
 
+bool Executor::in_shared(const void* p, std::size_t bytes) const {
+  const auto* b = static_cast<const unsigned char*>(p);
+  const auto inside = [&](const unsigned char* lo, std::size_t size) { return b >= lo && b + bytes <= lo + size; };
+  if (dyn_ != nullptr && inside(dyn_, dyn_bytes_)) return true;
+  for (const StaticSlot& s : slots_) {
+    if (inside(static_arena_ + s.offset, s.size)) return true;
+  }
+  return false;
+}
+
+void Executor::land(const AsyncCopy& c) {
+  std::memcpy(c.dst, c.src, c.bytes - c.zfill);
+  std::memset(c.dst + (c.bytes - c.zfill), 0, c.zfill);
+}
+
+void Executor::async_copy(void* dst, const void* src, std::size_t bytes, std::size_t zfill, const Site& site) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) {
+    fail(&site, "__pipeline_memcpy_async: size_and_align " + std::to_string(bytes) + " is not 4, 8 or 16");
+  }
+  if (zfill > bytes) {
+    fail(&site, "__pipeline_memcpy_async: zfill " + std::to_string(zfill) + " exceeds the size " +
+                    std::to_string(bytes));
+  }
+  if (reinterpret_cast<std::uintptr_t>(dst) % bytes != 0 || reinterpret_cast<std::uintptr_t>(src) % bytes != 0) {
+    fail(&site, "__pipeline_memcpy_async: source and destination must be aligned to the size (" +
+                    std::to_string(bytes) + " bytes)");
+  }
+  if (!in_shared(dst, bytes)) {
+    fail(&site, "__pipeline_memcpy_async: the destination is not inside this block's shared memory");
+  }
+  if (in_shared(src, bytes)) fail(&site, "__pipeline_memcpy_async: the source must be global memory, not shared");
+  AsyncCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), bytes, zfill,
+              current_->commits, false, site};
+  if (job_->schedule.order == Order::kReversed) {
+    land(c);
+    c.landed = true;
+  }
+  current_->async.push_back(c);
+}
+
+void Executor::async_wait_prior(std::size_t prior) {
+  Fiber* self = current_;
+  if (self->commits <= prior) return;
+  const std::uint64_t upto = self->commits - prior;  // batches 0 .. upto - 1 complete
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < self->async.size(); ++i) {
+    const AsyncCopy& c = self->async[i];
+    if (c.batch < upto) {
+      if (!c.landed) land(c);
+    } else {
+      self->async[kept++] = c;
+    }
+  }
+  self->async.resize(kept);
+}
+
 bool Executor::check_guards(Fault* fault) {
 #if NYSTROM_EMU_ASAN
   (void)fault;  // the guards are poisoned: ASan has already reported any access
@@ -491,6 +553,8 @@ bool Executor::run_block(const Job& job, long long linear, Fault* fault) {
     f.lane = i % 32;
     f.state = State::kRunnable;
     f.fragment_ops.clear();
+    f.async.clear();
+    f.commits = 0;
     prepare(f.ctx, stacks_.lo(i), stacks_.size(), &Executor::fiber_main);
   }
   warps_.resize(static_cast<std::size_t>((nthreads_ + 31) / 32));
@@ -545,6 +609,12 @@ void fail(const Site& site, const std::string& what) { current("a kernel check")
 void note_fragment_op(Op op, Site site, const void* mem, unsigned ldm, int layout, std::uint64_t value) {
   current(op_name(op)).note_fragment_op(FragmentOp{op, site, mem, ldm, layout, value});
 }
+
+void async_copy(void* dst, const void* src, std::size_t bytes, std::size_t zfill, Site site) {
+  current("__pipeline_memcpy_async").async_copy(dst, src, bytes, zfill, site);
+}
+void async_commit(Site) { current("__pipeline_commit").async_commit(); }
+void async_wait_prior(std::size_t prior, Site) { current("__pipeline_wait_prior").async_wait_prior(prior); }
 
 unsigned char* dynamic_shared(Site) { return current("dynamic shared memory").dynamic_shared(); }
 

@@ -16,6 +16,13 @@
 // others have exited or wait elsewhere, or a __syncthreads that some thread
 // exited before, is a fault; so is a thread that arrives at a barrier of a
 // different site or kind than the others already waiting there.
+//
+// Asynchronous copies (cp.async, __pipeline_memcpy_async). Each thread keeps
+// the copies it issued until a __pipeline_wait_prior covers their batch;
+// they land at that wait (in order and random schedules) or at their issue
+// (reversed), the two ends of what the hardware allows, so that a read before
+// the wait and an overwrite of a buffer still in use each show under some
+// schedule. A thread that returns with copies not waited for is a fault.
 #pragma once
 
 #include "device.h"
@@ -84,11 +91,25 @@ class Executor {
     current_->fragment_ops.push_back(op);
     warps_[static_cast<std::size_t>(current_->warp)].fragment_ops = true;
   }
+  void async_copy(void* dst, const void* src, std::size_t bytes, std::size_t zfill, const Site& site);
+  void async_commit() { ++current_->commits; }
+  void async_wait_prior(std::size_t prior);
   unsigned char* dynamic_shared() const { return dyn_; }
   void* static_shared(const void* key, std::size_t size, std::size_t align, const Site& site);
 
  private:
   enum class State : std::uint8_t { kRunnable, kAtBlockBarrier, kAtWarpCollective, kExited };
+  struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    std::size_t bytes, zfill;
+    std::uint64_t batch;  // the commits before it: its batch's number
+    bool landed;          // the reversed schedule lands copies at their issue
+    Site site;
+  };
+  static void land(const AsyncCopy& c);
+  /// Whether [p, p + bytes) lies in this block's dynamic or static shared memory.
+  bool in_shared(const void* p, std::size_t bytes) const;
   struct Fiber {
     Context ctx;
     uint3 tid;
@@ -97,6 +118,8 @@ class Executor {
     Op op;
     Site site;
     std::vector<FragmentOp> fragment_ops;  // since the warp's last collective
+    std::vector<AsyncCopy> async;          // issued, not yet waited for
+    std::uint64_t commits;                 // batches closed so far
   };
   struct Warp {
     int size, arrived, exited;
