@@ -62,6 +62,7 @@ LABEL = {"ours": "torch_nystrom", "composition": "composition", "lucidrains": "l
 VARIANTS = {
     "fast": ({}, None),                                        # tensor-core forward and backward, fused m x m
     "no_tc": ({"NYSTROM_CUDA_TENSOR_CORES": "0"}, None),       # generic forward kernels, fused m x m
+    "one_stage": ({"NYSTROM_CUDA_TC_STAGES": "1"}, None),      # tensor-core backward sides without cp.async prefetch
     "no_tc_bwd": ({"NYSTROM_CUDA_TC_BACKWARD": "0"}, None),    # tensor-core forward, float32 CUDA-core backward
     "aten_mm": ({"NYSTROM_CUDA_FUSED_MM": "0"}, None),         # tensor-core forward, m x m on ATen/cuBLAS
     "generic": ({"NYSTROM_CUDA_TENSOR_CORES": "0", "NYSTROM_CUDA_FUSED_MM": "0"}, None),

@@ -377,7 +377,8 @@ def run_variants(args, argv):
                 print(f"time budget ({args.max_seconds:g} s) spent: variants from {variant} on not run")
                 break
         child_env = {k: v for k, v in os.environ.items()
-                     if k not in ("NYSTROM_CUDA_TENSOR_CORES", "NYSTROM_CUDA_TC_BACKWARD", "NYSTROM_CUDA_FUSED_MM")}
+                     if k not in ("NYSTROM_CUDA_TENSOR_CORES", "NYSTROM_CUDA_TC_BACKWARD", "NYSTROM_CUDA_FUSED_MM",
+                                  "NYSTROM_CUDA_TC_STAGES")}
         child_env.update(env)
         print(f"== variant {variant} {env or ''}", flush=True)
         try:

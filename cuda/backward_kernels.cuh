@@ -27,6 +27,9 @@ struct BackwardArgs {
   // float32 (B*H, ms, ·): dk̃ and dW (key side), dq̃ (dq pass).
   const void* share1;
   const void* share2;
+  // The tensor-core query and key sides: copies of the owner rows in shared
+  // memory (1, or 2 to load the next tile during this one; tc_backward_stages).
+  int stages = 1;
 };
 
 // Query side. Per query tile: a first sweep over the landmarks computes

@@ -33,22 +33,69 @@
 namespace nystrom::cuda {
 namespace kern {
 
-// Per-warp shared memory of both backward kernels, in bytes: the owner rows
-// (16 x D and 16 x DV of T), two float 16 x 64 logit tiles (reused as the
-// 16 x D float product, D <= 128), and P, dS in T.
+// Shared memory of both backward kernels, in bytes. Per warp and stage: the
+// owner rows (16 x D and 16 x DV of T); per warp: two float 16 x 64 logit
+// tiles (reused as the 16 x D float product, D <= 128) and P, dS in T.
+// `stages` (1 or 2, BackwardArgs::stages) copies of the owner rows: with 2 the
+// next tile's rows are in flight (cp.async) while the warps work on this one.
 template <typename T>
-constexpr size_t tc_backward_warp_smem(int D, int DV) {
-  return sizeof(T) * kTcRows * (D + DV) + 2 * sizeof(float) * kTcRows * kTcSlots + 2 * sizeof(T) * kTcRows * kTcSlots;
+constexpr size_t tc_backward_rows_smem(int D, int DV) {
+  return sizeof(T) * kTcRows * (D + DV);
+}
+template <typename T>
+constexpr size_t tc_backward_scratch_smem() {
+  return 2 * sizeof(float) * kTcRows * kTcSlots + 2 * sizeof(T) * kTcRows * kTcSlots;
 }
 // Block: the landmark rows in T (64 x (D + DV)), the float partials, the warps.
 template <typename T>
-constexpr size_t tc_backward_query_smem(int D, int DV) {
-  return sizeof(T) * kTcSlots * (D + DV) + sizeof(float) * kTcSlots * (D + DV) + kTcWarps * tc_backward_warp_smem<T>(D, DV);
+constexpr size_t tc_backward_query_smem(int D, int DV, int stages) {
+  return sizeof(T) * kTcSlots * (D + DV) + sizeof(float) * kTcSlots * (D + DV) +
+         kTcWarps * (stages * tc_backward_rows_smem<T>(D, DV) + tc_backward_scratch_smem<T>());
 }
 template <typename T>
-constexpr size_t tc_backward_key_smem(int D, int DV) {
+constexpr size_t tc_backward_key_smem(int D, int DV, int stages) {
   return sizeof(T) * kTcSlots * (D + DV) + sizeof(float) * kTcSlots * D + 2 * sizeof(float) * kTcSlots +
-         kTcWarps * tc_backward_warp_smem<T>(D, DV);
+         kTcWarps * (stages * tc_backward_rows_smem<T>(D, DV) + tc_backward_scratch_smem<T>());
+}
+
+// The owner rows of a tile into stage buffer `dst` (16 x D rows of x, then
+// 16 x DV of g, per warp) with asynchronous copies, committed as one batch.
+template <typename T, int D, int DV>
+__device__ __forceinline__ void tc_stage_owner_rows(T* dst, const BackwardArgs& a, int b, int h, int x0, int nx) {
+  const int lane = threadIdx.x % 32;
+  tc_stage_rows_async<T, D, kTcRows, 32>(dst, a.x, b, h, x0, nx, lane);
+  tc_stage_rows_async<T, DV, kTcRows, 32>(dst + kTcRows * D, a.g, b, h, x0, nx, lane);
+  __pipeline_commit();
+}
+
+// The pipeline of the owner rows over a block's tiles xb = first, first +
+// step, ... < nx. 1 stage: each tile's rows are loaded at its start and
+// waited for at once. 2 stages: the first tile's rows are issued before the
+// loop (prologue), and at each tile the next tile's into the other buffer
+// (free: the previous tile's trailing barrier) before waiting for this one's;
+// the last tile commits an empty batch so that one wait rule serves all.
+// Returns the buffer that holds tile xb's rows, complete for this thread;
+// the caller's __syncwarp publishes them to the warp.
+template <typename T, int D, int DV>
+__device__ __forceinline__ int tc_owner_rows_ready(T* rows, const BackwardArgs& a, int b, int h, int xb, int step,
+                                                   int nx, int tile) {
+  constexpr size_t kStage = kTcWarps * kTcRows * (D + DV);  // elements per stage buffer
+  const int warp = threadIdx.x / 32;
+  T* mine = rows + warp * kTcRows * (D + DV);
+  if (a.stages == 2) {
+    const int buf = tile & 1;
+    if (tile == 0) tc_stage_owner_rows<T, D, DV>(mine, a, b, h, xb + warp * kTcRows, nx);
+    if (xb + step < nx) {
+      tc_stage_owner_rows<T, D, DV>(mine + (buf ^ 1) * kStage, a, b, h, xb + step + warp * kTcRows, nx);
+    } else {
+      __pipeline_commit();
+    }
+    __pipeline_wait_prior(1);
+    return buf;
+  }
+  tc_stage_owner_rows<T, D, DV>(mine, a, b, h, xb + warp * kTcRows, nx);
+  __pipeline_wait_prior(0);
+  return 0;
 }
 
 // 64 float landmark rows of width W (rows >= n zero) to T in shared memory.
@@ -186,16 +233,15 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
   T* sW = sK + kTcSlots * D;                        // [64][DV] W
   float* accK = reinterpret_cast<float*>(sW + kTcSlots * DV);  // [64][D]
   float* accW = accK + kTcSlots * D;                            // [64][DV]
-  unsigned char* warps0 = reinterpret_cast<unsigned char*>(accW + kTcSlots * DV);
-  constexpr size_t kWarpBytes = tc_backward_warp_smem<T>(D, DV);
+  T* rows = reinterpret_cast<T*>(accW + kTcSlots * DV);         // [stages][warps][16][D + DV] q, dO
+  unsigned char* scratch0 = reinterpret_cast<unsigned char*>(rows + a.stages * kTcWarps * kTcRows * (D + DV));
+  constexpr size_t kScratch = tc_backward_scratch_smem<T>();
+  constexpr size_t kRows = kTcRows * (D + DV);  // elements of a warp's owner rows
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  auto region = [&](int w) { return warps0 + w * kWarpBytes; };
-  T* sQ = reinterpret_cast<T*>(region(warp));                  // [16][D]
-  T* sG = sQ + kTcRows * D;                                     // [16][DV] dO
-  float* sS = reinterpret_cast<float*>(sG + kTcRows * DV);       // [16][64] S, then F
-  float* sF = sS + kTcRows * kTcSlots;                           // [16][64] dF
-  T* sP = reinterpret_cast<T*>(sF + kTcRows * kTcSlots);         // [16][64]
-  T* sDS = sP + kTcRows * kTcSlots;                              // [16][64]
+  float* sS = reinterpret_cast<float*>(scratch0 + warp * kScratch);  // [16][64] S, then F
+  float* sF = sS + kTcRows * kTcSlots;                               // [16][64] dF
+  T* sP = reinterpret_cast<T*>(sF + kTcRows * kTcSlots);             // [16][64]
+  T* sDS = sP + kTcRows * kTcSlots;                                  // [16][64]
 
   const int64_t lm0 = static_cast<int64_t>(bh) * p.ms;
   tc_stage_landmarks<T, D>(sK, static_cast<const float*>(a.lm) + lm0 * D, ny);
@@ -206,13 +252,17 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
   const int r = lane >> 1, half = lane & 1;  // elementwise work: a lane pair per row (tc_column)
   const float* lse = static_cast<const float*>(a.lse) + static_cast<int64_t>(bh) * p.L;
   T* ds = static_cast<T*>(a.out1) + static_cast<int64_t>(bh) * p.L * kTcSlots;
+  const int step = a.groups * BR;
 
-  for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
+  int tile = 0;
+  for (int xb = blockIdx.x * BR; xb < nx; xb += step, ++tile) {
     const int x0 = xb + warp * kTcRows;  // this warp's rows (all padding past nx: zeros, F = 0)
-    tc_stage_rows<T, D, kTcRows, 32>(sQ, a.x, b, h, x0, nx, lane);
-    tc_stage_rows<T, DV, kTcRows, 32>(sG, a.g, b, h, x0, nx, lane);
     const bool row_ok = x0 + r < nx;
     const float lse_r = row_ok ? lse[position(a.x.index, a.x.npad, b, x0 + r)] : 0.0f;
+    const int buf = tc_owner_rows_ready<T, D, DV>(rows, a, b, h, xb, step, nx, tile);
+    T* const rows0 = rows + buf * kTcWarps * kRows;  // warp 0's rows of this tile
+    const T* sQ = rows0 + warp * kRows;              // [16][D]
+    const T* sG = sQ + kTcRows * D;                  // [16][DV] dO
     __syncwarp();
     tc_logits<T, D>(sQ, sK, sS);
     tc_logits<T, DV>(sG, sW, sF);
@@ -234,13 +284,11 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
     __syncwarp();
     tc_write_ds<T>(ds, sDS, x0, nx);
     __syncthreads();  // every warp's dS, P, q and dO rows are staged
-    const size_t stride = kWarpBytes / sizeof(T);
-    const T* q0 = reinterpret_cast<const T*>(region(0));
-    const T* g0 = q0 + kTcRows * D;
-    const T* p0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(g0 + kTcRows * DV) + 2 * kTcRows * kTcSlots);
+    const size_t stride = kScratch / sizeof(T);
+    const T* p0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(scratch0) + 2 * kTcRows * kTcSlots);
     const T* ds0 = p0 + kTcRows * kTcSlots;
-    tc_landmark_partials<T, D>(accK, ds0, stride, q0, stride);
-    tc_landmark_partials<T, DV>(accW, p0, stride, g0, stride);
+    tc_landmark_partials<T, D>(accK, ds0, stride, rows0, kRows);
+    tc_landmark_partials<T, DV>(accW, p0, stride, rows0 + kTcRows * D, kRows);
     __syncthreads();  // consumed before the next tile overwrites the warps' rows
   }
   const int64_t slot = static_cast<int64_t>(bh) * a.groups + blockIdx.x;
@@ -283,15 +331,14 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
   float* acc = reinterpret_cast<float*>(sB + kTcSlots * DV);  // [64][D]
   float* slse = acc + kTcSlots * D;                            // [64]
   float* sdel = slse + kTcSlots;                               // [64]
-  unsigned char* warps0 = reinterpret_cast<unsigned char*>(sdel + kTcSlots);
-  constexpr size_t kWarpBytes = tc_backward_warp_smem<T>(D, DV);
+  T* rows = reinterpret_cast<T*>(sdel + kTcSlots);             // [stages][warps][16][D + DV] k, v
+  unsigned char* scratch0 = reinterpret_cast<unsigned char*>(rows + a.stages * kTcWarps * kTcRows * (D + DV));
+  constexpr size_t kScratch = tc_backward_scratch_smem<T>();
+  constexpr size_t kRows = kTcRows * (D + DV);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  auto region = [&](int w) { return warps0 + w * kWarpBytes; };
-  T* sK = reinterpret_cast<T*>(region(warp));                  // [16][D]
-  T* sV = sK + kTcRows * D;                                     // [16][DV]
-  float* sS = reinterpret_cast<float*>(sV + kTcRows * DV);       // [16][64]
-  float* sG = sS + kTcRows * kTcSlots;                           // [16][64]
-  float* sO = sS;                                                // [16][D] or [16][DV]
+  float* sS = reinterpret_cast<float*>(scratch0 + warp * kScratch);  // [16][64]
+  float* sG = sS + kTcRows * kTcSlots;                               // [16][64]
+  float* sO = sS;                                                    // [16][D] or [16][DV]
   T* sP = reinterpret_cast<T*>(sG + kTcRows * kTcSlots);
   T* sDS = sP + kTcRows * kTcSlots;
 
@@ -307,12 +354,16 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
   const float scale = static_cast<float>(p.scale);
   const int r = lane >> 1, half = lane & 1;
   const float* dkl = static_cast<const float*>(a.share1) + lm0 * D;
+  const int step = a.groups * BR;
 
-  for (int xb = blockIdx.x * BR; xb < nx; xb += a.groups * BR) {
+  int tile = 0;
+  for (int xb = blockIdx.x * BR; xb < nx; xb += step, ++tile) {
     const int x0 = xb + warp * kTcRows;
-    tc_stage_rows<T, D, kTcRows, 32>(sK, a.x, b, h, x0, nx, lane);
-    tc_stage_rows<T, DV, kTcRows, 32>(sV, a.g, b, h, x0, nx, lane);
     const bool row_ok = x0 + r < nx;
+    const int buf = tc_owner_rows_ready<T, D, DV>(rows, a, b, h, xb, step, nx, tile);
+    T* const rows0 = rows + buf * kTcWarps * kRows;
+    const T* sK = rows0 + warp * kRows;  // [16][D]
+    const T* sV = sK + kTcRows * D;      // [16][DV]
     __syncwarp();
     tc_logits<T, D>(sK, sL, sS);
     tc_logits<T, DV>(sV, sB, sG);
@@ -332,12 +383,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
     __syncwarp();
     tc_store_rows<T, DV>(dv, sO, 1.0f, nullptr, e.mk, a.x.index, p.S, b, x0, nx);
     __syncthreads();
-    const size_t stride = kWarpBytes / sizeof(T);
-    const T* k0 = reinterpret_cast<const T*>(region(0));
-    const T* ds0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(k0 + kTcRows * (D + DV)) +
-                                              2 * kTcRows * kTcSlots) +
+    const size_t stride = kScratch / sizeof(T);
+    const T* ds0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(scratch0) + 2 * kTcRows * kTcSlots) +
                    kTcRows * kTcSlots;
-    tc_landmark_partials<T, D>(acc, ds0, stride, k0, stride);
+    tc_landmark_partials<T, D>(acc, ds0, stride, rows0, kRows);
     __syncthreads();
   }
   const int64_t slot = static_cast<int64_t>(bh) * a.groups + blockIdx.x;

@@ -11,6 +11,9 @@
 #include "forward_kernels.cuh"
 
 #include <mma.h>
+#if defined(__CUDACC__)
+#include <cuda_pipeline_primitives.h>  // cp.async; the emulation declares the same calls (cuda/emu/device.h)
+#endif
 
 #include <cstring>
 
@@ -116,6 +119,31 @@ __device__ __forceinline__ void tc_stage_rows(T* dst, const RowsView& x, int b, 
     const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
     if (x0 + rr < n) {
       copy8(dst + rr * W + c8, row_ptr<T>(x, b, h, x0 + rr) + c8);
+    } else {
+      zero8(dst + rr * W + c8);
+    }
+  }
+}
+
+// tc_stage_rows with asynchronous copies (cp.async, sm_80+): the aligned
+// 16-byte chunks are issued and land by the caller's __pipeline_wait_prior;
+// rows >= n and rows that are not 16-byte aligned are written at once (plain
+// stores), so the caller's wait and barrier publish every chunk alike. The
+// caller commits the batch.
+template <typename T, int W, int ROWS, int THREADS>
+__device__ __forceinline__ void tc_stage_rows_async(T* dst, const RowsView& x, int b, int h, int x0, int n, int t) {
+  static_assert((ROWS * W / 8) % THREADS == 0, "whole 16-byte chunks per thread");
+#pragma unroll
+  for (int it = 0; it < ROWS * W / 8 / THREADS; ++it) {
+    const int i = t + THREADS * it;
+    const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
+    if (x0 + rr < n) {
+      const T* src = row_ptr<T>(x, b, h, x0 + rr) + c8;
+      if (aligned16(src)) {
+        __pipeline_memcpy_async(dst + rr * W + c8, src, 16);
+      } else {
+        copy8(dst + rr * W + c8, src);
+      }
     } else {
       zero8(dst + rr * W + c8);
     }

@@ -304,15 +304,27 @@ cudaError_t backward_launch(Kernel kernel, const BackwardArgs& args, size_t smem
   });
 }
 
+// Stages (owner-row buffers) one side of the tensor-core backward runs with:
+// p.tc_stages where its shared memory fits the device, else 1 where that
+// fits, 0 where neither does (D = Dv = 128: query side 208 / 176 KiB, key
+// side 176.5 / 144.5 KiB with 2 / 1 stages; sm_80 has 163 KiB, sm_90 227).
+template <typename T, bool kKeySide>
+int tc_backward_stages(const Problem& p) {
+  auto need = [&](int stages) {
+    return kKeySide ? tc_backward_key_smem<T>(p.D, p.Dv, stages) : tc_backward_query_smem<T>(p.D, p.Dv, stages);
+  };
+  if (p.tc_stages >= 2 && need(2) <= p.smem_optin) return 2;
+  return need(1) <= p.smem_optin ? 1 : 0;
+}
+
 // Whether the tensor-core backward kernel of one side serves the problem: the
 // forward's shapes (tc_shape_supported), both switches on, and its shared
-// memory on this device (query side at D = Dv = 128: 176 KiB, more than
-// sm_80's 163 KiB; backward_tc_kernels.cuh).
+// memory with at least one stage on this device (the query side at
+// D = Dv = 128 needs 176 KiB: sm_80 takes the CUDA-core kernel there).
 template <typename T, bool kKeySide>
 bool tc_backward_usable(const Problem& p) {
   if (!p.tensor_cores || !p.tc_backward || !tc_shape_supported(p.D, p.Dv, p.ms)) return false;
-  const size_t need = kKeySide ? tc_backward_key_smem<T>(p.D, p.Dv) : tc_backward_query_smem<T>(p.D, p.Dv);
-  return need <= p.smem_optin;
+  return tc_backward_stages<T, kKeySide>(p) > 0;
 }
 
 // The tensor-core backward kernels, for the (D, Dv) pairs they are built for.
@@ -320,12 +332,14 @@ template <typename T, bool kKeySide>
 cudaError_t tc_backward(const BackwardArgs& a, cudaStream_t stream) {
   return with_tc_head_dims(a.p.D, a.p.Dv, [&](auto d, auto dv) {
     constexpr int DD = decltype(d)::value, VV = decltype(dv)::value;
+    BackwardArgs b = a;
+    b.stages = tc_backward_stages<T, kKeySide>(a.p);
     if constexpr (kKeySide) {
-      return backward_launch(tc_backward_key_kernel<T, DD, VV>, a, tc_backward_key_smem<T>(DD, VV), stream,
+      return backward_launch(tc_backward_key_kernel<T, DD, VV>, b, tc_backward_key_smem<T>(DD, VV, b.stages), stream,
                              kTcWarps * 32);
     } else {
-      return backward_launch(tc_backward_query_kernel<T, DD, VV>, a, tc_backward_query_smem<T>(DD, VV), stream,
-                             kTcWarps * 32);
+      return backward_launch(tc_backward_query_kernel<T, DD, VV>, b, tc_backward_query_smem<T>(DD, VV, b.stages),
+                             stream, kTcWarps * 32);
     }
   });
 }

@@ -157,9 +157,10 @@ int tc_backward_blocks_per_sm(DType dt, const Problem& p, TcPass pass) {
   static_assert(kTcTileRows == kern::kTcWarps * kern::kTcRows, "the tensor-core backward's row tile");
   if (dt != DType::kFloat16 && dt != DType::kBFloat16) return 1;
   using T = __half;  // the shared memory of the two half types is the same
-  const size_t smem = pass == TcPass::kQuerySide ? kern::tc_backward_query_smem<T>(p.D, p.Dv)
-                      : pass == TcPass::kKeySide ? kern::tc_backward_key_smem<T>(p.D, p.Dv)
-                                                 : kern::tc_backward_dq_smem<T>(p.D);
+  const size_t smem =
+      pass == TcPass::kQuerySide ? kern::tc_backward_query_smem<T>(p.D, p.Dv, kern::tc_backward_stages<T, false>(p))
+      : pass == TcPass::kKeySide ? kern::tc_backward_key_smem<T>(p.D, p.Dv, kern::tc_backward_stages<T, true>(p))
+                                 : kern::tc_backward_dq_smem<T>(p.D);
   return blocks_by_smem(smem, p.smem_optin);
 }
 

@@ -53,6 +53,7 @@ struct Problem {
   const int* k_count = nullptr;  // (B) real keys, or null: all S
   bool tensor_cores = true;      // float16/bfloat16: tensor-core forward where the shape allows
   bool tc_backward = true;       // and the tensor-core backward (with tensor_cores; NYSTROM_CUDA_TC_BACKWARD)
+  int tc_stages = 2;             // its owner-row buffers: 2 = the next tile in flight where it fits (NYSTROM_CUDA_TC_STAGES)
   // The device, as the glue read it from its properties (the launchers make
   // no device query of their own, so no error state is left behind):
   int sm_count = 132;            // multiprocessors: grids are sized to fill them

@@ -98,15 +98,19 @@ def dynamic_smem_table() -> list:
     # 64 landmark slots; D = Dv = 64 / 128 (the mixed pairs lie between).
     tc_q = lambda d: 2 * 64 * 2 * d + 4 * (2 * 16 * d + 4 * 16 * 64 + 2 * 16 * 64 + 4 * 16 * d)
     tc_l = lambda d: 2 * 64 * 3 * d + 4 * (4 * 16 * 64 + 2 * 16 * 64 + 4 * 16 * d + 4 * 16)
-    warp_b = lambda d: 2 * 16 * 2 * d + 2 * 4 * 16 * 64 + 2 * 2 * 16 * 64
-    tc_bq = lambda d: 2 * 64 * 2 * d + 4 * 64 * 2 * d + 4 * warp_b(d)
-    tc_bk = lambda d: 2 * 64 * 2 * d + 4 * 64 * d + 2 * 4 * 64 + 4 * warp_b(d)
+    # The backward sides: per warp 12 KiB of scratch and, per stage (NYSTROM_CUDA_TC_STAGES), the owner rows.
+    warp_b = lambda d, st: st * 2 * 16 * 2 * d + 2 * 4 * 16 * 64 + 2 * 2 * 16 * 64
+    tc_bq = lambda st: lambda d: 2 * 64 * 2 * d + 4 * 64 * 2 * d + 4 * warp_b(d, st)
+    tc_bk = lambda st: lambda d: 2 * 64 * 2 * d + 4 * 64 * d + 2 * 4 * 64 + 4 * warp_b(d, st)
     tc_dq = lambda d: 2 * 64 * d + 4 * (2 * 16 * 64 + 4 * 16 * d)
     for name, f in (("tc_query (forward)", tc_q), ("tc_landmark (forward)", tc_l),
-                    ("tc_backward_query", tc_bq), ("tc_backward_key", tc_bk), ("tc_backward_dq (D)", tc_dq)):
+                    ("tc_backward_query, 2 stages", tc_bq(2)), ("tc_backward_query, 1 stage", tc_bq(1)),
+                    ("tc_backward_key, 2 stages", tc_bk(2)), ("tc_backward_key, 1 stage", tc_bk(1)),
+                    ("tc_backward_dq (D)", tc_dq)):
         lines.append(f"  {name:<28}{'fp16/bf16':<10}{f(64):>10}{f(128):>10}{'-':>10}")
     lines.append("  (sm_80 allows 163 KiB per block, sm_90 227 KiB; above that the launcher refuses with a clear")
-    lines.append("   error, or Newton-Schulz takes the batched cuBLAS path)")
+    lines.append("   error, Newton-Schulz takes the batched cuBLAS path, or a tensor-core backward side runs with")
+    lines.append("   one stage, or on CUDA cores where one stage does not fit either)")
     return lines
 
 

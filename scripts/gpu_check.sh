@@ -229,7 +229,7 @@ if [ "$build_ok" = 1 ] || [ "$DRY" = 1 ]; then
     # First what the GPU run is for: the speed of every variant against the floors and the peers.
     # bfloat16 (float16 takes the same kernels); the SDPA peer up to n = 16384 (quadratic).
     step variants "$(log bench.log)" 150 "
-      '$PY' benchmarks/bench.py --device cuda --variants fast no_tc_bwd no_tc aten_mm generic fp32 --n $VARIANTS_N \
+      '$PY' benchmarks/bench.py --device cuda --variants fast one_stage no_tc_bwd no_tc aten_mm generic fp32 --n $VARIANTS_N \
         --dtype bfloat16 --repeats 5 --input-sets 2 --sdpa-max-n 16384 --max-seconds 140
     " || true
     if [ -n "$NCU" ] || [ "$DRY" = 1 ]; then

@@ -9,6 +9,8 @@
 //   "reset"                                    clears the sticky error (as cudaDeviceReset)
 //   "last_error"                               the emulator's account of the last error ("" if none)
 //   "kernels"                                  "name=launches" per line, every kernel launched so far
+//   "smem"                                     "name=bytes" per line: dynamic shared memory of each
+//                                              kernel's last launch
 //   "inject_error"                             leaves a non-sticky launch error pending, as earlier
 //                                              unrelated CUDA code could (tests of the glue's entry)
 //
@@ -63,12 +65,17 @@ std::string emulator(c10::string_view command_view, c10::string_view argument_vi
     for (const auto& [name, count] : emu::kernel_launches()) os << name << "=" << count << "\n";
     return os.str();
   }
+  if (command == "smem") {
+    std::ostringstream os;
+    for (const auto& [name, bytes] : emu::kernel_smem()) os << name << "=" << bytes << "\n";
+    return os.str();
+  }
   if (command == "inject_error") {
     NYSTROM_LAUNCH(noop_kernel, dim3(1, 70000, 1), dim3(1), 0, nullptr)();  // grid.y above 65535
     return cudaGetErrorString(cudaPeekAtLastError());
   }
   TORCH_CHECK(false, "_emulator: unknown command \"", command,
-              "\" (schedule, arch, threads, reset, last_error, kernels, inject_error)");
+              "\" (schedule, arch, threads, reset, last_error, kernels, smem, inject_error)");
 }
 
 }  // namespace

@@ -81,6 +81,19 @@ inline bool tc_backward_enabled() {
   return env == nullptr || std::string(env) != "0";
 }
 
+// NYSTROM_CUDA_TC_STAGES: owner-row buffers of the tensor-core backward's
+// query and key sides, 2 (default: the next tile's rows load by cp.async
+// while the warps work on this one, where the shared memory fits) or 1 (each
+// tile loads, then computes). Read at every call, for A/B comparisons.
+inline int tc_stages_requested() {
+  const char* env = std::getenv("NYSTROM_CUDA_TC_STAGES");
+  if (env == nullptr || *env == '\0') return 2;
+  const std::string v(env);
+  TORCH_CHECK(v == "1" || v == "2", "NYSTROM_CUDA_TC_STAGES must be 1 or 2 (owner-row buffers of the tensor-core ",
+              "backward), got \"", v, "\"");
+  return v == "1" ? 1 : 2;
+}
+
 // NYSTROM_CUDA_FUSED_MM=0 turns the fused m x m kernels off (the forward's
 // Newton–Schulz kernel and the backward's mm_backward kernel): those steps
 // then run as batched ATen products, as they do where no fused variant fits.
@@ -132,6 +145,7 @@ inline Layout make_layout(const char* op, const Tensor& q, const Tensor& k, cons
   p.scale = o.scale;
   p.tensor_cores = tensor_cores_enabled();
   p.tc_backward = tc_backward_enabled();
+  p.tc_stages = tc_stages_requested();
   const DeviceInfo dev = device_info();
   p.sm_count = dev.sm_count;
   p.smem_optin = dev.smem_optin;

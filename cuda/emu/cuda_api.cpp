@@ -137,6 +137,16 @@ std::vector<std::pair<std::string, std::uint64_t>> kernel_launches() {
   return out;
 }
 
+std::vector<std::pair<std::string, std::uint64_t>> kernel_smem() {
+  const std::lock_guard<std::mutex> lock(detail::kernels_mutex());
+  std::vector<std::pair<std::string, std::uint64_t>> out;
+  for (const auto& entry : detail::g_kernels) {
+    if (entry.second.launches > 0) out.emplace_back(entry.second.name, entry.second.last_smem);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 std::string last_error_detail() {
   if (sticky() != cudaSuccess) {
     const std::lock_guard<std::mutex> lock(detail::g_sticky_m);

@@ -28,6 +28,7 @@ struct KernelInfo {
   int max_dynamic = -1;          // cudaFuncAttributeMaxDynamicSharedMemorySize, -1: never set
   std::size_t static_bytes = 0;  // static shared memory seen in its launches
   std::uint64_t launches = 0;     // launches of it that ran (kernel_launches())
+  std::size_t last_smem = 0;      // dynamic shared memory of the last of them (kernel_smem())
 };
 std::mutex& kernels_mutex();
 /// The kernel's entry (created, and named from the symbol table or `expr`, on

@@ -362,6 +362,7 @@ void launch(const LaunchSpec& spec) {
     KernelInfo& k = kernel_info(spec.kernel, spec.expr);
     k.static_bytes = std::max(k.static_bytes, run.static_max);
     ++k.launches;
+    k.last_smem = spec.smem;
   }
   if (run.fault_block < 0) return;
   if (run.fault.sticky) set_sticky(run.fault.code, run.fault.message);

@@ -119,6 +119,9 @@ Stats stats();
 /// messages) and how many of its launches ran: which kernels a test run
 /// reached. Kept across reset().
 std::vector<std::pair<std::string, std::uint64_t>> kernel_launches();
+/// The dynamic shared memory (bytes) of the last launch that ran of every
+/// kernel launched so far: what a launcher chose for the problem.
+std::vector<std::pair<std::string, std::uint64_t>> kernel_smem();
 
 // --------------------------------------------- CUDA runtime API subset ----
 cudaError_t get_last_error();

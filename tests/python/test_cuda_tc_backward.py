@@ -139,3 +139,69 @@ def test_element_without_queries_has_zero_key_gradients(cuda_device):
     for name, t in zip(("dq", "dk", "dv"), grads):
         assert torch.count_nonzero(t[1].detach().cpu()) == 0, f"{name} of the query-less element is not zero"
         assert torch.count_nonzero(t[0].detach().cpu()) > 0, f"{name} of the Nyström element is all zero"
+
+
+def _grads_with_stages(case, dtype, device, monkeypatch, stages):
+    q, k, v, kw = case.build(dtype, device)
+    g = cotangent(case.out_shape, dtype, device)
+    monkeypatch.setenv("NYSTROM_CUDA_TC_STAGES", str(stages))
+    try:
+        return _grads(q, k, v, kw, g, monkeypatch, tc=True)
+    finally:
+        monkeypatch.delenv("NYSTROM_CUDA_TC_STAGES", raising=False)
+
+
+@pytest.mark.parametrize("case_id,dtype", [("tcb_d64_m64_tiles", torch.bfloat16),
+                                           ("tcb_d128_m64_scattered", torch.float16),
+                                           ("tcb_d64_dv128_empty_exact", torch.bfloat16)])
+def test_stages_agree_bitwise(case_id, dtype, cuda_device, monkeypatch):
+    """NYSTROM_CUDA_TC_STAGES=1 (each tile's owner rows loaded, then used) and 2 (the next tile's rows in flight by
+    cp.async during this one; the default) change when rows arrive, not what is computed: the same bits. The cases
+    walk several 64-row tiles per block (the buffers alternate) and end on partial tiles and padded rows."""
+    _, one = _grads_with_stages(CASE[case_id], dtype, cuda_device, monkeypatch, 1)
+    _, two = _grads_with_stages(CASE[case_id], dtype, cuda_device, monkeypatch, 2)
+    for name, a, b in zip(("dq", "dk", "dv"), one, two):
+        assert torch.equal(a, b), f"{name}: 1 and 2 stages differ (max {float((a.float() - b.float()).abs().max())})"
+
+
+def _smem_of_last_launches():
+    from test_emulated import emulator
+
+    out = {}
+    for line in emulator("smem").splitlines():
+        name, _, n = line.rpartition("=")
+        out[name] = int(n)
+    return out
+
+
+@pytest.mark.skipif(not emulated_library(), reason="the shared memory of a launch: the emulated backend's log")
+def test_stages_set_the_shared_memory_by_the_documented_rule(cuda_device, monkeypatch):
+    """At D = Dv = 128 (bf16): landmark rows 32 KiB, float partials 64 KiB (query side) or 32 KiB + lse and delta
+    (key side), per warp 12 KiB of scratch and 8 KiB of owner rows per stage. sm_90 (227 KiB) runs both sides with
+    the stages asked for; sm_80 (163 KiB) runs the key side with one stage whatever is asked (two would need
+    176.5 KiB) and the query side on CUDA cores (test_sm80_takes_the_cuda_core_query_side_at_d128)."""
+    from test_emulated import emulator_setting
+
+    D = Dv = 128
+    rows, scratch = 2 * 16 * (D + Dv), 2 * 4 * 16 * 64 + 2 * 2 * 16 * 64
+    query = lambda s: 2 * 64 * (D + Dv) + 4 * 64 * (D + Dv) + 4 * (s * rows + scratch)
+    key = lambda s: 2 * 64 * (D + Dv) + 4 * 64 * D + 2 * 4 * 64 + 4 * (s * rows + scratch)
+    assert (query(2), query(1), key(2), key(1)) == (208 << 10, 176 << 10, 180736, 147968)
+    case = CASE["tcb_d128_m64_scattered"]
+    for arch, stages, want_q, want_k in (("sm90", 2, query(2), key(2)), ("sm90", 1, query(1), key(1)),
+                                          ("sm80", 2, None, key(1))):
+        with emulator_setting("arch", arch):
+            _grads_with_stages(case, torch.bfloat16, cuda_device, monkeypatch, stages)
+        smem = {name.split("<")[0].split("::")[-1]: n for name, n in _smem_of_last_launches().items()
+                if "tc_backward_" in name and "<__nv_bfloat16, 128, 128>" in name}
+        assert smem["tc_backward_key_kernel"] == want_k, f"{arch}, {stages} stages: {smem}"
+        if want_q is not None:
+            assert smem["tc_backward_query_kernel"] == want_q, f"{arch}, {stages} stages: {smem}"
+
+
+def test_bad_stage_count_is_a_clear_error(cuda_device, monkeypatch):
+    case = CASE["tcb_d128_dv64_m9"]
+    q, k, v, kw = case.build(torch.bfloat16, cuda_device)
+    monkeypatch.setenv("NYSTROM_CUDA_TC_STAGES", "3")
+    with pytest.raises(RuntimeError, match=r"NYSTROM_CUDA_TC_STAGES must be 1 or 2.*got \"3\""):
+        nystrom_attention(q, k, v, **kw)
