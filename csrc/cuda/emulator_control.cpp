@@ -11,6 +11,9 @@
 //   "kernels"                                  "name=launches" per line, every kernel launched so far
 //   "smem"                                     "name=bytes" per line: dynamic shared memory of each
 //                                              kernel's last launch
+//   "banks"                                    "name=requests,wavefronts,ideal" per line: the modeled
+//                                              shared-memory traffic of each kernel's WMMA loads and
+//                                              stores so far (cuda/emu/wmma.h)
 //   "inject_error"                             leaves a non-sticky launch error pending, as earlier
 //                                              unrelated CUDA code could (tests of the glue's entry)
 //
@@ -70,12 +73,18 @@ std::string emulator(c10::string_view command_view, c10::string_view argument_vi
     for (const auto& [name, bytes] : emu::kernel_smem()) os << name << "=" << bytes << "\n";
     return os.str();
   }
+  if (command == "banks") {
+    std::ostringstream os;
+    for (const auto& c : emu::kernel_bank_traffic())
+      os << c.name << "=" << c.requests << "," << c.wavefronts << "," << c.ideal << "\n";
+    return os.str();
+  }
   if (command == "inject_error") {
     NYSTROM_LAUNCH(noop_kernel, dim3(1, 70000, 1), dim3(1), 0, nullptr)();  // grid.y above 65535
     return cudaGetErrorString(cudaPeekAtLastError());
   }
   TORCH_CHECK(false, "_emulator: unknown command \"", command,
-              "\" (schedule, arch, threads, reset, last_error, kernels, smem, inject_error)");
+              "\" (schedule, arch, threads, reset, last_error, kernels, smem, banks, inject_error)");
 }
 
 }  // namespace

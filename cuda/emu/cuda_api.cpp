@@ -147,6 +147,17 @@ std::vector<std::pair<std::string, std::uint64_t>> kernel_smem() {
   return out;
 }
 
+std::vector<BankCounts> kernel_bank_traffic() {
+  const std::lock_guard<std::mutex> lock(detail::kernels_mutex());
+  std::vector<BankCounts> out;
+  for (const auto& entry : detail::g_kernels) {
+    const detail::KernelInfo& k = entry.second;
+    if (k.wmma_requests > 0) out.push_back(BankCounts{k.name, k.wmma_requests, k.wmma_wavefronts, k.wmma_ideal});
+  }
+  std::sort(out.begin(), out.end(), [](const BankCounts& a, const BankCounts& b) { return a.name < b.name; });
+  return out;
+}
+
 std::string last_error_detail() {
   if (sticky() != cudaSuccess) {
     const std::lock_guard<std::mutex> lock(detail::g_sticky_m);

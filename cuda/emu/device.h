@@ -117,6 +117,9 @@ std::uint64_t shfl_xor(unsigned mask, std::uint64_t bits, int lane_mask, int wid
 /// a buffer other threads still read overwrites it under their feet
 /// (reversed). A thread that returns with copies it never waited for is a fault.
 void async_copy(void* dst, const void* src, std::size_t bytes, std::size_t zfill, Site site);
+
+/// WMMA's shared-memory traffic model (cuda/emu/wmma.h), counted per launch.
+void note_wmma_traffic(const void* p, unsigned ldm, std::size_t elem);
 void async_commit(Site site);
 void async_wait_prior(std::size_t prior, Site site);
 

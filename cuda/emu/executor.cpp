@@ -451,6 +451,37 @@ bool Executor::in_shared(const void* p, std::size_t bytes) const {
   return false;
 }
 
+void Executor::note_wmma_traffic(const void* p, unsigned ldm, std::size_t elem) {
+  if (current_->lane != 0 || !in_shared(p, 1)) return;
+  const std::uintptr_t base = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t stride = static_cast<std::uintptr_t>(ldm) * elem;
+  std::uint64_t wavefronts = 0, ideal = 0;
+  // 16-bit tiles: one 4-byte word per lane, the warp served together; float
+  // tiles: 8 bytes per lane, served by half warps (16 lanes x 8 bytes = one
+  // 128-byte wavefront when conflict-free).
+  const int n = elem == 2 ? 1 : 2;           // 4-byte words per lane and instruction
+  const int group = elem == 2 ? 32 : 16;     // lanes served together
+  for (int k = 0; k < 2; ++k) {    // lines g and g + 8
+    for (int j = 0; j < 2; ++j) {  // the first and the second 16 bytes (16-bit) or 32 bytes (float) of a line
+      for (int l0 = 0; l0 < 32; l0 += group) {
+        int per_bank[32] = {};
+        for (int lane = l0; lane < l0 + group; ++lane) {
+          const int g = lane / 4, t = lane % 4;
+          const std::uintptr_t line = base + static_cast<std::uintptr_t>(g + 8 * k) * stride;
+          const std::uintptr_t word0 = elem == 2 ? line + 4u * static_cast<unsigned>(t + 4 * j)
+                                                 : line + 4u * static_cast<unsigned>(2 * t + 8 * j);
+          for (int w = 0; w < n; ++w) ++per_bank[((word0 + 4u * static_cast<unsigned>(w)) / 4) % 32];
+        }
+        wavefronts += static_cast<std::uint64_t>(*std::max_element(per_bank, per_bank + 32));
+        ideal += static_cast<std::uint64_t>((group * n + 31) / 32);
+      }
+    }
+  }
+  job_->traffic->requests.fetch_add(4, std::memory_order_relaxed);
+  job_->traffic->wavefronts.fetch_add(wavefronts, std::memory_order_relaxed);
+  job_->traffic->ideal.fetch_add(ideal, std::memory_order_relaxed);
+}
+
 void Executor::land(const AsyncCopy& c) {
   std::memcpy(c.dst, c.src, c.bytes - c.zfill);
   std::memset(c.dst + (c.bytes - c.zfill), 0, c.zfill);
@@ -612,6 +643,9 @@ void note_fragment_op(Op op, Site site, const void* mem, unsigned ldm, int layou
 
 void async_copy(void* dst, const void* src, std::size_t bytes, std::size_t zfill, Site site) {
   current("__pipeline_memcpy_async").async_copy(dst, src, bytes, zfill, site);
+}
+void note_wmma_traffic(const void* p, unsigned ldm, std::size_t elem) {
+  current("load_matrix_sync").note_wmma_traffic(p, ldm, elem);
 }
 void async_commit(Site) { current("__pipeline_commit").async_commit(); }
 void async_wait_prior(std::size_t prior, Site) { current("__pipeline_wait_prior").async_wait_prior(prior); }

@@ -28,6 +28,7 @@
 #include "device.h"
 #include "fiber.h"
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -35,6 +36,12 @@
 #include <vector>
 
 namespace nystrom::emu::detail {
+
+/// The modeled shared-memory traffic of a launch's WMMA loads and stores
+/// (Executor::note_wmma_traffic), summed over its blocks.
+struct BankTraffic {
+  std::atomic<std::uint64_t> requests{0}, wavefronts{0}, ideal{0};
+};
 
 /// One launch, as every executor sees it.
 struct Job {
@@ -46,6 +53,7 @@ struct Job {
   int max_dynamic_smem;      // the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize
   int threads_per_block;
   long long blocks;
+  BankTraffic* traffic;      // where the blocks add their WMMA shared-memory traffic
 };
 
 /// How a block (and hence the launch) went wrong.
@@ -91,6 +99,11 @@ class Executor {
     current_->fragment_ops.push_back(op);
     warps_[static_cast<std::size_t>(current_->warp)].fragment_ops = true;
   }
+  /// A warp's WMMA load or store of a 16 x 16 tile at p (ldm elements of
+  /// `elem` bytes per line), counted once per warp (by lane 0) when p is
+  /// shared memory: the wavefronts its instructions take on the 32 banks of
+  /// 4 bytes, under the model of cuda/emu/wmma.h, against the conflict-free ideal.
+  void note_wmma_traffic(const void* p, unsigned ldm, std::size_t elem);
   void async_copy(void* dst, const void* src, std::size_t bytes, std::size_t zfill, const Site& site);
   void async_commit() { ++current_->commits; }
   void async_wait_prior(std::size_t prior);

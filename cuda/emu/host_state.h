@@ -29,6 +29,8 @@ struct KernelInfo {
   std::size_t static_bytes = 0;  // static shared memory seen in its launches
   std::uint64_t launches = 0;     // launches of it that ran (kernel_launches())
   std::size_t last_smem = 0;      // dynamic shared memory of the last of them (kernel_smem())
+  // WMMA shared-memory instructions, their wavefronts and the conflict-free ideal (kernel_bank_traffic())
+  std::uint64_t wmma_requests = 0, wmma_wavefronts = 0, wmma_ideal = 0;
 };
 std::mutex& kernels_mutex();
 /// The kernel's entry (created, and named from the symbol table or `expr`, on

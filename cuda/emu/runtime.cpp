@@ -308,6 +308,8 @@ void launch(const LaunchSpec& spec) {
   if (is_sticky(&s)) return;
   const std::lock_guard<std::mutex> launch_lock(g_launch_m);
   Job job;
+  BankTraffic traffic;
+  job.traffic = &traffic;
   job.serial = ++g_serial;
   job.spec = &spec;
   job.schedule = schedule();
@@ -363,6 +365,9 @@ void launch(const LaunchSpec& spec) {
     k.static_bytes = std::max(k.static_bytes, run.static_max);
     ++k.launches;
     k.last_smem = spec.smem;
+    k.wmma_requests += traffic.requests.load();
+    k.wmma_wavefronts += traffic.wavefronts.load();
+    k.wmma_ideal += traffic.ideal.load();
   }
   if (run.fault_block < 0) return;
   if (run.fault.sticky) set_sticky(run.fault.code, run.fault.message);

@@ -122,6 +122,13 @@ std::vector<std::pair<std::string, std::uint64_t>> kernel_launches();
 /// The dynamic shared memory (bytes) of the last launch that ran of every
 /// kernel launched so far: what a launcher chose for the problem.
 std::vector<std::pair<std::string, std::uint64_t>> kernel_smem();
+/// Per kernel with WMMA shared-memory traffic so far: its instructions, the
+/// wavefronts they took and the conflict-free ideal (the model of cuda/emu/wmma.h).
+struct BankCounts {
+  std::string name;
+  std::uint64_t requests, wavefronts, ideal;
+};
+std::vector<BankCounts> kernel_bank_traffic();
 
 // --------------------------------------------- CUDA runtime API subset ----
 cudaError_t get_last_error();

@@ -15,6 +15,22 @@
 // summed in float in k order; real tensor cores sum in an order and with
 // roundings of their own) and gives every lane all of d.
 //
+// Shared-memory traffic (a model, for the bank-conflict counts of
+// torch.ops.nystrom._emulator("banks"); the real fragment layout is not
+// documented, the model is that of the mma.sync m16n8k16 operands, which the
+// SASS of these loads matches: 32-bit LDS for 16-bit tiles, 64-bit for float).
+// A tile is 16 lines of 16 elements, `ldm` elements apart in memory (rows for
+// row-major storage, columns for column-major). Each of a load's or store's 4
+// instructions has lane (g, t) = (lane / 4, lane % 4) touch line g or g + 8:
+// 16-bit tiles the 4-byte word t or t + 4 of the line, float tiles the 8 bytes
+// at float 2t or 2t + 8. The lanes served together (the warp for 4-byte
+// words, each half warp for 8-byte ones) take as many wavefronts as the most
+// words any of the 32 banks holds; the ideal is their words / 32. With the
+// line pitch a multiple of 128 bytes every line starts on bank 0: 8 lines on
+// the same 4 banks (16-bit, 8-way) or 4 lines on the same 8 (float, 4-way);
+// a pitch longer by 8 elements (16 bytes for 16-bit tiles, 32 for float
+// ones) spreads the lines over all 32 banks: the ideal.
+//
 // Checks (kernel faults naming the site): memory operands 256-bit aligned
 // and ldm a multiple of 16 bytes, as CUDA requires; and, at every warp
 // collective and when a warp's last lane returns, all 32 lanes must have made
@@ -111,6 +127,7 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p
   emu_detail::check_memory(p, ldm, sizeof(T), site, "load_matrix_sync");
   // a's rows are m, b's rows are k; col_major memory holds the transpose.
   emu_detail::load_share(f.tile, p, ldm, std::is_same<Layout, row_major>::value);
+  ::nystrom::emu::detail::note_wmma_traffic(p, ldm, sizeof(T));
   ::nystrom::emu::detail::note_fragment_op(emu_detail::Op::kWmmaLoad, site, p, ldm, 0, 0);
 }
 
@@ -118,6 +135,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
                              layout_t layout, ::nystrom::emu::Site site = ::nystrom::emu::Site::here()) {
   emu_detail::check_memory(p, ldm, sizeof(float), site, "load_matrix_sync");
   emu_detail::load_share(f.tile, p, ldm, layout == mem_row_major);
+  ::nystrom::emu::detail::note_wmma_traffic(p, ldm, sizeof(float));
   ::nystrom::emu::detail::note_fragment_op(emu_detail::Op::kWmmaLoad, site, p, ldm, static_cast<int>(layout), 0);
 }
 
@@ -126,6 +144,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
   emu_detail::check_memory(p, ldm, sizeof(float), site, "store_matrix_sync");
   const int lane = ::nystrom::emu::detail::lane_id();
   for (int e = 8 * lane; e < 8 * lane + 8; ++e) emu_detail::at(p, ldm, layout == mem_row_major, e / 16, e % 16) = f.tile[e];
+  ::nystrom::emu::detail::note_wmma_traffic(p, ldm, sizeof(float));
   ::nystrom::emu::detail::note_fragment_op(emu_detail::Op::kWmmaStore, site, p, ldm, static_cast<int>(layout), 0);
 }
 

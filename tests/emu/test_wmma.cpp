@@ -228,3 +228,71 @@ TEST_F(Emu, WmmaAlignmentIsChecked) {
 }
 
 }  // namespace
+
+// ------------------------------------------------ shared-memory traffic ----
+// The bank model of cuda/emu/wmma.h, counted per launch: a 16-bit tile with a
+// 128-byte line pitch takes 8 wavefronts per instruction (every line on the
+// same 4 banks), a pitch 16 bytes longer 1; a float tile with a 256-byte pitch
+// 4 per half warp, a pitch 32 bytes longer 1. Loads from global memory are
+// not counted.
+namespace bank_model {
+namespace wmma = nvcuda::wmma;
+
+template <int LDH, int LDF>
+__global__ void tile_traffic(const __half* g, float* out) {
+  NYSTROM_SHARED(__half, sh, [16 * LDH]);
+  NYSTROM_SHARED(float, sf, [16 * LDF]);
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 16 * LDH; i += 32) sh[i] = g[i % 256];
+  for (int i = lane; i < 16 * LDF; i += 32) sf[i] = 0.0f;
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+  wmma::load_matrix_sync(a, sh, LDH);
+  wmma::load_matrix_sync(b, g, 16);  // global memory: not counted
+  wmma::load_matrix_sync(c, sf, LDF, wmma::mem_row_major);
+  wmma::mma_sync(c, a, b, c);
+  wmma::store_matrix_sync(sf, c, LDF, wmma::mem_row_major);
+  __syncwarp();
+  for (int i = lane; i < 256; i += 32) out[i] = sf[(i / 16) * LDF + i % 16];
+}
+
+struct Counts {
+  std::uint64_t requests = 0, wavefronts = 0, ideal = 0;
+};
+
+template <int LDH, int LDF>
+Counts run(int blocks) {
+  auto find = [] {
+    for (const auto& c : emu::kernel_bank_traffic()) {
+      if (c.name.find("tile_traffic<" + std::to_string(LDH) + ", " + std::to_string(LDF) + ">") != std::string::npos)
+        return Counts{c.requests, c.wavefronts, c.ideal};
+    }
+    return Counts{};
+  };
+  const Counts before = find();
+  alignas(32) __half g[256];  // WMMA operands are 256-bit aligned
+  for (int i = 0; i < 256; ++i) g[i] = __float2half(static_cast<float>(i % 7));
+  std::vector<float> out(256);
+  for (int b = 0; b < blocks; ++b) {
+    NYSTROM_LAUNCH((tile_traffic<LDH, LDF>), 1, 32, 0, nullptr)(g, out.data());
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess) << emu::last_error_detail();
+  }
+  const Counts after = find();
+  return Counts{after.requests - before.requests, after.wavefronts - before.wavefronts, after.ideal - before.ideal};
+}
+}  // namespace bank_model
+
+TEST_F(Emu, WmmaBankModelCountsConflictsOfAlignedPitches) {
+  // One shared half load, one float load, one float store per launch: 12 instructions.
+  const bank_model::Counts aligned = bank_model::run<64, 64>(2);
+  EXPECT_EQ(aligned.requests, 24u);
+  EXPECT_EQ(aligned.ideal, 2u * (4 + 8 + 8));           // half: 1 per instruction; float: 1 per half warp
+  EXPECT_EQ(aligned.wavefronts, 2u * (4 * 8 + 2 * 4 * 8));  // 8-way; 4-way in each half warp
+  const bank_model::Counts padded = bank_model::run<72, 72>(2);
+  EXPECT_EQ(padded.requests, 24u);
+  EXPECT_EQ(padded.wavefronts, padded.ideal);
+  const bank_model::Counts float_pad4 = bank_model::run<72, 68>(1);  // 16 bytes more per float line: 2-way
+  EXPECT_EQ(float_pad4.wavefronts, 4u + 2 * 2 * 8);
+}
