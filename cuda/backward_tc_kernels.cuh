@@ -38,24 +38,26 @@ namespace kern {
 // tiles (reused as the 16 x D float product, D <= 128) and P, dS in T.
 // `stages` (1 or 2, BackwardArgs::stages) copies of the owner rows: with 2 the
 // next tile's rows are in flight (cp.async) while the warps work on this one.
+// Every tile's lines are padded by kTcPad elements (tc_ld, kTcLdS: no bank
+// conflicts, forward_tc_kernels.cuh).
 template <typename T>
 constexpr size_t tc_backward_rows_smem(int D, int DV) {
-  return sizeof(T) * kTcRows * (D + DV);
+  return sizeof(T) * kTcRows * (tc_ld(D) + tc_ld(DV));
 }
 template <typename T>
 constexpr size_t tc_backward_scratch_smem() {
-  return 2 * sizeof(float) * kTcRows * kTcSlots + 2 * sizeof(T) * kTcRows * kTcSlots;
+  return 2 * sizeof(float) * kTcRows * kTcLdS + 2 * sizeof(T) * kTcRows * kTcLdS;
 }
 // Block: the landmark rows in T (64 x (D + DV)), the float partials, the warps.
 template <typename T>
 constexpr size_t tc_backward_query_smem(int D, int DV, int stages) {
-  return sizeof(T) * kTcSlots * (D + DV) + sizeof(float) * kTcSlots * (D + DV) +
+  return sizeof(T) * kTcSlots * (tc_ld(D) + tc_ld(DV)) + sizeof(float) * kTcSlots * (tc_ld(D) + tc_ld(DV)) +
          kTcWarps * (stages * tc_backward_rows_smem<T>(D, DV) + tc_backward_scratch_smem<T>());
 }
 template <typename T>
 constexpr size_t tc_backward_key_smem(int D, int DV, int stages) {
-  return sizeof(T) * kTcSlots * (D + DV) + sizeof(float) * kTcSlots * D + 2 * sizeof(float) * kTcSlots +
-         kTcWarps * (stages * tc_backward_rows_smem<T>(D, DV) + tc_backward_scratch_smem<T>());
+  return sizeof(T) * kTcSlots * (tc_ld(D) + tc_ld(DV)) + sizeof(float) * kTcSlots * tc_ld(D) +
+         2 * sizeof(float) * kTcSlots + kTcWarps * (stages * tc_backward_rows_smem<T>(D, DV) + tc_backward_scratch_smem<T>());
 }
 
 // The owner rows of a tile into stage buffer `dst` (16 x D rows of x, then
@@ -64,7 +66,7 @@ template <typename T, int D, int DV>
 __device__ __forceinline__ void tc_stage_owner_rows(T* dst, const BackwardArgs& a, int b, int h, int x0, int nx) {
   const int lane = threadIdx.x % 32;
   tc_stage_rows_async<T, D, kTcRows, 32>(dst, a.x, b, h, x0, nx, lane);
-  tc_stage_rows_async<T, DV, kTcRows, 32>(dst + kTcRows * D, a.g, b, h, x0, nx, lane);
+  tc_stage_rows_async<T, DV, kTcRows, 32>(dst + kTcRows * tc_ld(D), a.g, b, h, x0, nx, lane);
   __pipeline_commit();
 }
 
@@ -79,9 +81,9 @@ __device__ __forceinline__ void tc_stage_owner_rows(T* dst, const BackwardArgs& 
 template <typename T, int D, int DV>
 __device__ __forceinline__ int tc_owner_rows_ready(T* rows, const BackwardArgs& a, int b, int h, int xb, int step,
                                                    int nx, int tile) {
-  constexpr size_t kStage = kTcWarps * kTcRows * (D + DV);  // elements per stage buffer
+  constexpr size_t kStage = kTcWarps * kTcRows * (tc_ld(D) + tc_ld(DV));  // elements per stage buffer
   const int warp = threadIdx.x / 32;
-  T* mine = rows + warp * kTcRows * (D + DV);
+  T* mine = rows + warp * kTcRows * (tc_ld(D) + tc_ld(DV));
   if (a.stages == 2) {
     const int buf = tile & 1;
     if (tile == 0) tc_stage_owner_rows<T, D, DV>(mine, a, b, h, xb + warp * kTcRows, nx);
@@ -98,18 +100,18 @@ __device__ __forceinline__ int tc_owner_rows_ready(T* rows, const BackwardArgs& 
   return 0;
 }
 
-// 64 float landmark rows of width W (rows >= n zero) to T in shared memory.
+// 64 float landmark rows of width W (rows >= n zero) to T in shared memory (ld tc_ld(W)).
 template <typename T, int W>
 __device__ __forceinline__ void tc_stage_landmarks(T* dst, const float* src, int n) {
   for (int i = threadIdx.x; i < kTcSlots * W; i += kTcWarps * 32) {
     const int r = i / W;
-    dst[i] = from_acc<T>(r < n ? src[static_cast<int64_t>(r) * W + i % W] : 0.0f);
+    dst[r * tc_ld(W) + i % W] = from_acc<T>(r < n ? src[static_cast<int64_t>(r) * W + i % W] : 0.0f);
   }
 }
 
-// acc (64 x W, float, ld W) += Σ_warps Lᵀ·R over the block's 64 owner rows:
-// L is each warp's 16 x 64 left factor (dS or P, ld 64) read as a col_major
-// matrix_a (its transpose), R its 16 x W owner rows (ld W). The 4·W/16 output
+// acc (64 x W, float, ld tc_ld(W)) += Σ_warps Lᵀ·R over the block's 64 owner
+// rows: L is each warp's 16 x 64 left factor (dS or P, ld kTcLdS) read as a
+// col_major matrix_a (its transpose), R its 16 x W owner rows (ld tc_ld(W)). The 4·W/16 output
 // tiles are dealt to the warps round robin: each tile has one owner, no race.
 template <typename T, int W>
 __device__ __forceinline__ void tc_landmark_partials(float* acc, const T* L0, size_t l_stride, const T* R0,
@@ -119,16 +121,16 @@ __device__ __forceinline__ void tc_landmark_partials(float* acc, const T* L0, si
   for (int t = warp; t < kTiles; t += kTcWarps) {
     const int ti = t / (W / 16), tj = t % (W / 16);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    wmma::load_matrix_sync(c, acc + 16 * ti * W + 16 * tj, W, wmma::mem_row_major);
+    wmma::load_matrix_sync(c, acc + 16 * ti * tc_ld(W) + 16 * tj, tc_ld(W), wmma::mem_row_major);
 #pragma unroll
     for (int s = 0; s < kTcWarps; ++s) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-      wmma::load_matrix_sync(a, L0 + s * l_stride + 16 * ti, kTcSlots);
-      wmma::load_matrix_sync(bf, R0 + s * r_stride + 16 * tj, W);
+      wmma::load_matrix_sync(a, L0 + s * l_stride + 16 * ti, kTcLdS);
+      wmma::load_matrix_sync(bf, R0 + s * r_stride + 16 * tj, tc_ld(W));
       wmma::mma_sync(c, a, bf, c);
     }
-    wmma::store_matrix_sync(acc + 16 * ti * W + 16 * tj, c, W, wmma::mem_row_major);
+    wmma::store_matrix_sync(acc + 16 * ti * tc_ld(W) + 16 * tj, c, tc_ld(W), wmma::mem_row_major);
   }
 }
 
@@ -139,7 +141,7 @@ __device__ __forceinline__ float tc_segment_share(int r, int n, int ms, int64_t*
   return 1.0f / static_cast<float>(segment_start(*seg + 1, n, ms) - segment_start(*seg, n, ms));
 }
 
-// A warp's 16 x W float product rows (ld W) to T rows of a head's contiguous
+// A warp's 16 x W float product rows (ld tc_ld(W)) to T rows of a head's contiguous
 // (npad, W) gradient at the rows' positions: mul·src, plus, where share is
 // given, the row's landmark row share[segment] (ms segments of the n real rows)
 // / segment size, in float32; rounded to T once. 16 bytes per lane and store.
@@ -155,7 +157,7 @@ __device__ __forceinline__ void tc_store_rows(T* dst, const float* src, float mu
     if (r < n) {
       float v[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = mul * src[rr * W + c8 + j];
+      for (int j = 0; j < 8; ++j) v[j] = mul * src[rr * tc_ld(W) + c8 + j];
       if (share) {
         int64_t seg;
         const float inv = tc_segment_share(r, n, ms, &seg);
@@ -197,7 +199,7 @@ __device__ __forceinline__ void tc_spread_rows(T* dst, const float* src, int ms,
   }
 }
 
-// A warp's 16 rounded dS rows (T, ld 64) to rows x0 .. of a head's (L, 64)
+// A warp's 16 rounded dS rows (T, ld kTcLdS) to rows x0 .. of a head's (L, 64)
 // buffer in real-row order (rows >= n not written: the dq pass reads zeros).
 template <typename T>
 __device__ __forceinline__ void tc_write_ds(T* dst, const T* sDS, int x0, int n) {
@@ -206,13 +208,14 @@ __device__ __forceinline__ void tc_write_ds(T* dst, const T* sDS, int x0, int n)
   for (int it = 0; it < kTcRows * kTcSlots / 8 / 32; ++it) {
     const int i = lane + 32 * it;
     const int rr = i / (kTcSlots / 8), c8 = (i % (kTcSlots / 8)) * 8;
-    if (x0 + rr < n) copy8(dst + static_cast<int64_t>(x0 + rr) * kTcSlots + c8, sDS + rr * kTcSlots + c8);
+    if (x0 + rr < n) copy8(dst + static_cast<int64_t>(x0 + rr) * kTcSlots + c8, sDS + rr * kTcLdS + c8);
   }
 }
 
+// The n real rows of a float partial (ld tc_ld(W)) times mul to dst (n x W, contiguous).
 template <int W>
 __device__ __forceinline__ void tc_write_partial(float* dst, const float* acc, float mul, int n) {
-  for (int i = threadIdx.x; i < n * W; i += kTcWarps * 32) dst[i] = mul * acc[i];
+  for (int i = threadIdx.x; i < n * W; i += kTcWarps * 32) dst[i] = mul * acc[(i / W) * tc_ld(W) + i % W];
 }
 
 // Query side, every non-empty element. Per warp and tile: S = q k̃ᵀ, dF = dO Wᵀ,
@@ -229,24 +232,25 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
   const int nx = e.Lb, ny = e.mk;
   if (static_cast<int>(blockIdx.x) * BR >= nx) return;  // no tile: the slice keeps its zeros
   NYSTROM_DYNAMIC_SHARED(smem_raw);
+  // Every line padded: ld tc_ld(width), kTcLdS for the 64-wide tiles.
   T* sK = reinterpret_cast<T*>(smem_raw);          // [64][D] k̃
-  T* sW = sK + kTcSlots * D;                        // [64][DV] W
-  float* accK = reinterpret_cast<float*>(sW + kTcSlots * DV);  // [64][D]
-  float* accW = accK + kTcSlots * D;                            // [64][DV]
-  T* rows = reinterpret_cast<T*>(accW + kTcSlots * DV);         // [stages][warps][16][D + DV] q, dO
-  unsigned char* scratch0 = reinterpret_cast<unsigned char*>(rows + a.stages * kTcWarps * kTcRows * (D + DV));
+  T* sW = sK + kTcSlots * tc_ld(D);                 // [64][DV] W
+  float* accK = reinterpret_cast<float*>(sW + kTcSlots * tc_ld(DV));  // [64][D]
+  float* accW = accK + kTcSlots * tc_ld(D);                            // [64][DV]
+  T* rows = reinterpret_cast<T*>(accW + kTcSlots * tc_ld(DV));         // [stages][warps][16][D], [16][DV]: q, dO
+  constexpr size_t kRows = kTcRows * (tc_ld(D) + tc_ld(DV));  // elements of a warp's owner rows
+  unsigned char* scratch0 = reinterpret_cast<unsigned char*>(rows + a.stages * kTcWarps * kRows);
   constexpr size_t kScratch = tc_backward_scratch_smem<T>();
-  constexpr size_t kRows = kTcRows * (D + DV);  // elements of a warp's owner rows
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   float* sS = reinterpret_cast<float*>(scratch0 + warp * kScratch);  // [16][64] S, then F
-  float* sF = sS + kTcRows * kTcSlots;                               // [16][64] dF
-  T* sP = reinterpret_cast<T*>(sF + kTcRows * kTcSlots);             // [16][64]
-  T* sDS = sP + kTcRows * kTcSlots;                                  // [16][64]
+  float* sF = sS + kTcRows * kTcLdS;                                 // [16][64] dF
+  T* sP = reinterpret_cast<T*>(sF + kTcRows * kTcLdS);               // [16][64]
+  T* sDS = sP + kTcRows * kTcLdS;                                    // [16][64]
 
   const int64_t lm0 = static_cast<int64_t>(bh) * p.ms;
   tc_stage_landmarks<T, D>(sK, static_cast<const float*>(a.lm) + lm0 * D, ny);
   tc_stage_landmarks<T, DV>(sW, static_cast<const float*>(a.lmv) + lm0 * DV, ny);
-  for (int i = tid; i < kTcSlots * (D + DV); i += kTcWarps * 32) accK[i] = 0.0f;  // accK, accW
+  for (int i = tid; i < kTcSlots * (tc_ld(D) + tc_ld(DV)); i += kTcWarps * 32) accK[i] = 0.0f;  // accK, accW
   __syncthreads();
   const float scale = static_cast<float>(p.scale);
   const int r = lane >> 1, half = lane & 1;  // elementwise work: a lane pair per row (tc_column)
@@ -262,7 +266,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
     const int buf = tc_owner_rows_ready<T, D, DV>(rows, a, b, h, xb, step, nx, tile);
     T* const rows0 = rows + buf * kTcWarps * kRows;  // warp 0's rows of this tile
     const T* sQ = rows0 + warp * kRows;              // [16][D]
-    const T* sG = sQ + kTcRows * D;                  // [16][DV] dO
+    const T* sG = sQ + kTcRows * tc_ld(D);           // [16][DV] dO
     __syncwarp();
     tc_logits<T, D>(sQ, sK, sS);
     tc_logits<T, DV>(sG, sW, sF);
@@ -270,25 +274,25 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
     float delta = 0.0f;
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);
-      const float f = row_ok && c < ny ? expf(sS[r * kTcSlots + c] * scale - lse_r) : 0.0f;
-      sS[r * kTcSlots + c] = f;
-      delta += f * sF[r * kTcSlots + c];
+      const float f = row_ok && c < ny ? expf(sS[r * kTcLdS + c] * scale - lse_r) : 0.0f;
+      sS[r * kTcLdS + c] = f;
+      delta += f * sF[r * kTcLdS + c];
     }
     delta += __shfl_xor_sync(0xffffffffu, delta, 1);
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);
-      const float f = sS[r * kTcSlots + c];
-      sP[r * kTcSlots + c] = from_acc<T>(f);
-      sDS[r * kTcSlots + c] = from_acc<T>(f * (sF[r * kTcSlots + c] - delta));
+      const float f = sS[r * kTcLdS + c];
+      sP[r * kTcLdS + c] = from_acc<T>(f);
+      sDS[r * kTcLdS + c] = from_acc<T>(f * (sF[r * kTcLdS + c] - delta));
     }
     __syncwarp();
     tc_write_ds<T>(ds, sDS, x0, nx);
     __syncthreads();  // every warp's dS, P, q and dO rows are staged
     const size_t stride = kScratch / sizeof(T);
-    const T* p0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(scratch0) + 2 * kTcRows * kTcSlots);
-    const T* ds0 = p0 + kTcRows * kTcSlots;
+    const T* p0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(scratch0) + 2 * kTcRows * kTcLdS);
+    const T* ds0 = p0 + kTcRows * kTcLdS;
     tc_landmark_partials<T, D>(accK, ds0, stride, rows0, kRows);
-    tc_landmark_partials<T, DV>(accW, p0, stride, rows0 + kTcRows * D, kRows);
+    tc_landmark_partials<T, DV>(accW, p0, stride, rows0 + kTcRows * tc_ld(D), kRows);
     __syncthreads();  // consumed before the next tile overwrites the warps' rows
   }
   const int64_t slot = static_cast<int64_t>(bh) * a.groups + blockIdx.x;
@@ -307,7 +311,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
 // landmarks are their keys and values), padded rows and empty elements zeros.
 template <typename T, int D, int DV>
 __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(BackwardArgs a) {
-  static_assert(D <= 2 * kTcSlots && DV <= 2 * kTcSlots, "the float products reuse the two logit tiles");
+  static_assert(tc_ld(D) <= 2 * kTcLdS && tc_ld(DV) <= 2 * kTcLdS, "the float products reuse the two logit tiles");
   constexpr int BR = kTcWarps * kTcRows;
   const Problem& p = a.p;
   const int bh = a.bh0 + blockIdx.y, b = bh / p.H, h = bh % p.H;
@@ -326,25 +330,26 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
   if (e.kind != ElementKind::kNystrom) return;
   if (static_cast<int>(blockIdx.x) * BR >= nx) return;
   NYSTROM_DYNAMIC_SHARED(smem_raw);
+  // Every line padded: ld tc_ld(width), kTcLdS for the 64-wide tiles.
   T* sL = reinterpret_cast<T*>(smem_raw);          // [64][D] q̃
-  T* sB = sL + kTcSlots * D;                        // [64][DV] dbv
-  float* acc = reinterpret_cast<float*>(sB + kTcSlots * DV);  // [64][D]
-  float* slse = acc + kTcSlots * D;                            // [64]
-  float* sdel = slse + kTcSlots;                               // [64]
-  T* rows = reinterpret_cast<T*>(sdel + kTcSlots);             // [stages][warps][16][D + DV] k, v
-  unsigned char* scratch0 = reinterpret_cast<unsigned char*>(rows + a.stages * kTcWarps * kTcRows * (D + DV));
+  T* sB = sL + kTcSlots * tc_ld(D);                 // [64][DV] dbv
+  float* acc = reinterpret_cast<float*>(sB + kTcSlots * tc_ld(DV));  // [64][D]
+  float* slse = acc + kTcSlots * tc_ld(D);                            // [64]
+  float* sdel = slse + kTcSlots;                                      // [64]
+  T* rows = reinterpret_cast<T*>(sdel + kTcSlots);                    // [stages][warps][16][D], [16][DV]: k, v
+  constexpr size_t kRows = kTcRows * (tc_ld(D) + tc_ld(DV));
+  unsigned char* scratch0 = reinterpret_cast<unsigned char*>(rows + a.stages * kTcWarps * kRows);
   constexpr size_t kScratch = tc_backward_scratch_smem<T>();
-  constexpr size_t kRows = kTcRows * (D + DV);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   float* sS = reinterpret_cast<float*>(scratch0 + warp * kScratch);  // [16][64]
-  float* sG = sS + kTcRows * kTcSlots;                               // [16][64]
-  float* sO = sS;                                                    // [16][D] or [16][DV]
-  T* sP = reinterpret_cast<T*>(sG + kTcRows * kTcSlots);
-  T* sDS = sP + kTcRows * kTcSlots;
+  float* sG = sS + kTcRows * kTcLdS;                                 // [16][64]
+  float* sO = sS;                                                    // [16][D] or [16][DV], over sS and sG
+  T* sP = reinterpret_cast<T*>(sG + kTcRows * kTcLdS);
+  T* sDS = sP + kTcRows * kTcLdS;
 
   tc_stage_landmarks<T, D>(sL, static_cast<const float*>(a.lm) + lm0 * D, ny);
   tc_stage_landmarks<T, DV>(sB, static_cast<const float*>(a.lmv) + lm0 * DV, ny);
-  for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) acc[i] = 0.0f;
+  for (int i = tid; i < kTcSlots * tc_ld(D); i += kTcWarps * 32) acc[i] = 0.0f;
   if (tid < kTcSlots) {
     const bool ok = tid < ny;
     slse[tid] = ok ? static_cast<const float*>(a.lse)[lm0 + tid] : 0.0f;
@@ -363,16 +368,16 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
     const int buf = tc_owner_rows_ready<T, D, DV>(rows, a, b, h, xb, step, nx, tile);
     T* const rows0 = rows + buf * kTcWarps * kRows;
     const T* sK = rows0 + warp * kRows;  // [16][D]
-    const T* sV = sK + kTcRows * D;      // [16][DV]
+    const T* sV = sK + kTcRows * tc_ld(D);  // [16][DV]
     __syncwarp();
     tc_logits<T, D>(sK, sL, sS);
     tc_logits<T, DV>(sV, sB, sG);
     __syncwarp();
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);
-      const float f = row_ok && c < ny ? expf(sS[r * kTcSlots + c] * scale - slse[c]) : 0.0f;
-      sP[r * kTcSlots + c] = from_acc<T>(f);
-      sDS[r * kTcSlots + c] = from_acc<T>(f * (sG[r * kTcSlots + c] - sdel[c]));
+      const float f = row_ok && c < ny ? expf(sS[r * kTcLdS + c] * scale - slse[c]) : 0.0f;
+      sP[r * kTcLdS + c] = from_acc<T>(f);
+      sDS[r * kTcLdS + c] = from_acc<T>(f * (sG[r * kTcLdS + c] - sdel[c]));
     }
     __syncwarp();
     tc_product<T, D>(sDS, sL, sO, /*accumulate=*/false);
@@ -384,8 +389,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
     tc_store_rows<T, DV>(dv, sO, 1.0f, nullptr, e.mk, a.x.index, p.S, b, x0, nx);
     __syncthreads();
     const size_t stride = kScratch / sizeof(T);
-    const T* ds0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(scratch0) + 2 * kTcRows * kTcSlots) +
-                   kTcRows * kTcSlots;
+    const T* ds0 = reinterpret_cast<const T*>(reinterpret_cast<const float*>(scratch0) + 2 * kTcRows * kTcLdS) +
+                   kTcRows * kTcLdS;
     tc_landmark_partials<T, D>(acc, ds0, stride, rows0, kRows);
     __syncthreads();
   }
@@ -401,7 +406,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
 // every path: zeros. a.x: the query rows' view (only its index list is read).
 template <typename T>
 constexpr size_t tc_backward_dq_smem(int D) {
-  return sizeof(T) * kTcSlots * D + kTcWarps * (sizeof(T) * kTcRows * kTcSlots + sizeof(float) * kTcRows * D);
+  return sizeof(T) * kTcSlots * tc_ld(D) + kTcWarps * (sizeof(T) * kTcRows * kTcLdS + sizeof(float) * kTcRows * tc_ld(D));
 }
 template <typename T, int D>
 __global__ void __launch_bounds__(kTcWarps * 32) tc_backward_dq_kernel(BackwardArgs a) {
@@ -415,9 +420,10 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_backward_dq_kernel(BackwardA
   if (static_cast<int>(blockIdx.x) * BR >= nx) return;
   NYSTROM_DYNAMIC_SHARED(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T* sK = reinterpret_cast<T*>(smem_raw);                                   // [64][D] k̃
-  T* sDS = sK + kTcSlots * D + warp * kTcRows * kTcSlots;                   // [16][64] this warp's dS
-  float* sO = reinterpret_cast<float*>(sK + kTcSlots * D + kTcWarps * kTcRows * kTcSlots) + warp * kTcRows * D;
+  T* sK = reinterpret_cast<T*>(smem_raw);                                      // [64][D] k̃ (lines padded)
+  T* sDS = sK + kTcSlots * tc_ld(D) + warp * kTcRows * kTcLdS;                 // [16][64] this warp's dS
+  float* sO =
+      reinterpret_cast<float*>(sK + kTcSlots * tc_ld(D) + kTcWarps * kTcRows * kTcLdS) + warp * kTcRows * tc_ld(D);
   const int64_t lm0 = static_cast<int64_t>(bh) * p.ms;
   tc_stage_landmarks<T, D>(sK, static_cast<const float*>(a.lm) + lm0 * D, ny);
   __syncthreads();
@@ -431,9 +437,9 @@ __global__ void __launch_bounds__(kTcWarps * 32) tc_backward_dq_kernel(BackwardA
       const int i = lane + 32 * it;
       const int rr = i / (kTcSlots / 8), c8 = (i % (kTcSlots / 8)) * 8;
       if (x0 + rr < nx) {
-        copy8(sDS + rr * kTcSlots + c8, ds + static_cast<int64_t>(x0 + rr) * kTcSlots + c8);
+        copy8(sDS + rr * kTcLdS + c8, ds + static_cast<int64_t>(x0 + rr) * kTcSlots + c8);
       } else {
-        zero8(sDS + rr * kTcSlots + c8);
+        zero8(sDS + rr * kTcLdS + c8);
       }
     }
     __syncwarp();

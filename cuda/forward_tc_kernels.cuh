@@ -26,22 +26,41 @@ constexpr int kTcWarps = 4;   // warps per block
 constexpr int kTcRows = 16;   // owner rows per warp
 constexpr int kTcSlots = 64;  // landmark (or key-chunk) rows per step
 
+// Every shared-memory tile that WMMA loads or stores has lines of its width
+// plus kTcPad elements: a line pitch of 64 or 128 elements is a multiple of
+// 128 bytes, which puts the 8 lines one instruction of a fragment load touches
+// on the same banks (8-way conflicts for 16-bit tiles, 4-way in each half warp
+// for float ones; the emulator's model, cuda/emu/wmma.h, measured 6.9-7.4x the
+// conflict-free wavefronts in every tensor-core kernel before the pad). 8 more
+// elements (16 bytes of a 16-bit line, 32 of a float one) shift consecutive
+// lines by 4 (8) banks: conflict-free. The pad keeps lines 16-byte aligned and
+// 16-line tiles 32-byte aligned, as WMMA and the 16-byte copies need.
+constexpr int kTcPad = 8;
+constexpr int tc_ld(int width) { return width + kTcPad; }
+constexpr int kTcLdS = kTcSlots + kTcPad;  // the 64-wide tiles: logits, P, dS
+
 inline bool tc_shape_supported(int D, int Dv, int ms) {
   return (D == 64 || D == 128) && (Dv == 64 || Dv == 128) && ms <= kTcSlots;
 }
 
 // Shared memory per block, in bytes.
 template <typename T>
+constexpr size_t tc_query_warp_smem(int D, int DV) {
+  return sizeof(T) * kTcRows * tc_ld(D) + sizeof(float) * kTcRows * kTcLdS + sizeof(T) * kTcRows * kTcLdS +
+         sizeof(float) * kTcRows * tc_ld(DV);
+}
+template <typename T>
 constexpr size_t tc_query_smem(int D, int DV) {
-  return sizeof(T) * kTcSlots * (D + DV) +
-         kTcWarps * (sizeof(T) * kTcRows * D + sizeof(float) * kTcRows * kTcSlots + sizeof(T) * kTcRows * kTcSlots +
-                     sizeof(float) * kTcRows * DV);
+  return sizeof(T) * kTcSlots * (tc_ld(D) + tc_ld(DV)) + kTcWarps * tc_query_warp_smem<T>(D, DV);
+}
+template <typename T>
+constexpr size_t tc_landmark_warp_smem(int DV) {
+  return sizeof(float) * kTcRows * kTcLdS + sizeof(T) * kTcRows * kTcLdS + sizeof(float) * kTcRows * tc_ld(DV) +
+         sizeof(float) * kTcRows;
 }
 template <typename T>
 constexpr size_t tc_landmark_smem(int D, int DV) {
-  return sizeof(T) * kTcSlots * (2 * D + DV) +
-         kTcWarps * (sizeof(float) * kTcRows * kTcSlots + sizeof(T) * kTcRows * kTcSlots +
-                     sizeof(float) * kTcRows * DV + sizeof(float) * kTcRows);
+  return sizeof(T) * kTcSlots * (2 * tc_ld(D) + tc_ld(DV)) + kTcWarps * tc_landmark_warp_smem<T>(DV);
 }
 
 // Rows move between global and shared memory 16 bytes (8 half elements) at a
@@ -105,7 +124,7 @@ __device__ __forceinline__ void store8(T* dst, const float* src) {
   }
 }
 
-// ROWS owner rows x0 .. x0 + ROWS - 1 of width W into dst (ld W), rows >= n
+// ROWS owner rows x0 .. x0 + ROWS - 1 of width W into dst (ld tc_ld(W)), rows >= n
 // zero, 16 bytes at a time by THREADS threads (t: this thread's index among
 // them; a warp's 16 rows with t = lane, a block's 64 with t = threadIdx.x).
 // The trip count is known at compile time (W / 16 chunks per thread for a
@@ -118,9 +137,9 @@ __device__ __forceinline__ void tc_stage_rows(T* dst, const RowsView& x, int b, 
     const int i = t + THREADS * it;
     const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
     if (x0 + rr < n) {
-      copy8(dst + rr * W + c8, row_ptr<T>(x, b, h, x0 + rr) + c8);
+      copy8(dst + rr * tc_ld(W) + c8, row_ptr<T>(x, b, h, x0 + rr) + c8);
     } else {
-      zero8(dst + rr * W + c8);
+      zero8(dst + rr * tc_ld(W) + c8);
     }
   }
 }
@@ -140,27 +159,32 @@ __device__ __forceinline__ void tc_stage_rows_async(T* dst, const RowsView& x, i
     if (x0 + rr < n) {
       const T* src = row_ptr<T>(x, b, h, x0 + rr) + c8;
       if (aligned16(src)) {
-        __pipeline_memcpy_async(dst + rr * W + c8, src, 16);
+        __pipeline_memcpy_async(dst + rr * tc_ld(W) + c8, src, 16);
       } else {
-        copy8(dst + rr * W + c8, src);
+        copy8(dst + rr * tc_ld(W) + c8, src);
       }
     } else {
-      zero8(dst + rr * W + c8);
+      zero8(dst + rr * tc_ld(W) + c8);
     }
   }
 }
 
 // The softmax of a warp's 16 x 64 logits runs on lane pairs: lane l owns row
-// r = l >> 1 and the 32 columns half·32 + c' of half = l & 1. At step i it
-// takes column c' = (i + l) mod 32 (tc_column): sS (float, row stride 64 =
-// two rows of the 32 banks) holds that element in bank c', distinct for the
-// 32 lanes; sP (2-byte, same stride) in bank 16·half + floor(c'/2), which is
-// 16·half + (floor((i + half)/2) + r) mod 16: distinct too. Walking the
-// columns in plain order (c' = i) put all 32 lanes on one bank of sS (32-way)
-// and 16 lanes on each of two banks of sP (16-way).
-__device__ __forceinline__ int tc_column(int half, int i, int lane) { return half * 32 + ((i + lane) & 31); }
+// r = l >> 1 and the 32 columns of parity half = l & 1; at step i it takes
+// column 2k + half, k = (i - 3r) mod 32 (tc_column). With the padded pitch of
+// 72 elements (kTcLdS) that is conflict-free for both tiles: the float logits
+// sS put element (r, 2k + half) in bank (8r + 2k + half) mod 32 = 2((i + r)
+// mod 16) + half, distinct for the 32 lanes; the 2-byte probabilities sP in the
+// word 36r + k, bank (4r + k) mod 32 = (i + r) mod 32, distinct for the 16
+// pairs, whose two lanes write the two halves of one word. So are the key
+// side's per-column reads of lse and delta (bank 2k + half). The former walk
+// (column half·32 + (i + l) mod 32) was conflict-free at a pitch of 64 and is
+// 2-way on sP at 72; plain order (column i) was 32-way on sS.
+__device__ __forceinline__ int tc_column(int half, int i, int lane) {
+  return 2 * ((i - 3 * (lane >> 1)) & 31) + half;
+}
 
-// S (16 x 64, float, ld 64) = Q (16 x D, ld D) · Kᵀ, K (64 x D, ld D): both in smem.
+// S (16 x 64, float, ld kTcLdS) = Q (16 x D) · Kᵀ, K (64 x D), both ld tc_ld(D): all in smem.
 template <typename T, int D>
 __device__ __forceinline__ void tc_logits(const T* sQ, const T* sK, float* sS) {
 #pragma unroll
@@ -171,22 +195,22 @@ __device__ __forceinline__ void tc_logits(const T* sQ, const T* sK, float* sS) {
     for (int t = 0; t < D / 16; ++t) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-      wmma::load_matrix_sync(a, sQ + 16 * t, D);
-      wmma::load_matrix_sync(b, sK + 16 * j * D + 16 * t, D);
+      wmma::load_matrix_sync(a, sQ + 16 * t, tc_ld(D));
+      wmma::load_matrix_sync(b, sK + 16 * j * tc_ld(D) + 16 * t, tc_ld(D));
       wmma::mma_sync(acc, a, b, acc);
     }
-    wmma::store_matrix_sync(sS + 16 * j, acc, kTcSlots, wmma::mem_row_major);
+    wmma::store_matrix_sync(sS + 16 * j, acc, kTcLdS, wmma::mem_row_major);
   }
 }
 
-// O (16 x DV, float, ld DV) (+)= P (16 x 64, ld 64) · V (64 x DV, ld DV).
+// O (16 x DV, float) (+)= P (16 x 64, ld kTcLdS) · V (64 x DV); O and V ld tc_ld(DV).
 template <typename T, int DV>
 __device__ __forceinline__ void tc_product(const T* sP, const T* sV, float* sO, bool accumulate) {
 #pragma unroll
   for (int j = 0; j < DV / 16; ++j) {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
     if (accumulate) {
-      wmma::load_matrix_sync(acc, sO + 16 * j, DV, wmma::mem_row_major);
+      wmma::load_matrix_sync(acc, sO + 16 * j, tc_ld(DV), wmma::mem_row_major);
     } else {
       wmma::fill_fragment(acc, 0.0f);
     }
@@ -194,11 +218,11 @@ __device__ __forceinline__ void tc_product(const T* sP, const T* sV, float* sO, 
     for (int t = 0; t < kTcSlots / 16; ++t) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-      wmma::load_matrix_sync(a, sP + 16 * t, kTcSlots);
-      wmma::load_matrix_sync(b, sV + 16 * t * DV + 16 * j, DV);
+      wmma::load_matrix_sync(a, sP + 16 * t, kTcLdS);
+      wmma::load_matrix_sync(b, sV + 16 * t * tc_ld(DV) + 16 * j, tc_ld(DV));
       wmma::mma_sync(acc, a, b, acc);
     }
-    wmma::store_matrix_sync(sO + 16 * j, acc, DV, wmma::mem_row_major);
+    wmma::store_matrix_sync(sO + 16 * j, acc, tc_ld(DV), wmma::mem_row_major);
   }
 }
 
@@ -217,26 +241,25 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
   const int first = blockIdx.x * tiles_per_block * BR;
   if (first >= nx) return;
   NYSTROM_DYNAMIC_SHARED(smem_raw);
-  T* sK = reinterpret_cast<T*>(smem_raw);  // [64][D]
-  T* sW = sK + kTcSlots * D;                // [64][DV]
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [64][tc_ld(D)]
+  T* sW = sK + kTcSlots * tc_ld(D);         // [64][tc_ld(DV)]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  unsigned char* wbase = reinterpret_cast<unsigned char*>(sW + kTcSlots * DV) +
-                         warp * (sizeof(T) * kTcRows * D + sizeof(float) * kTcRows * kTcSlots +
-                                 sizeof(T) * kTcRows * kTcSlots + sizeof(float) * kTcRows * DV);
-  T* sQ = reinterpret_cast<T*>(wbase);                   // [16][D]
-  float* sS = reinterpret_cast<float*>(sQ + kTcRows * D);  // [16][64]
-  T* sP = reinterpret_cast<T*>(sS + kTcRows * kTcSlots);   // [16][64]
-  float* sO = reinterpret_cast<float*>(sP + kTcRows * kTcSlots);  // [16][DV]
+  unsigned char* wbase =
+      reinterpret_cast<unsigned char*>(sW + kTcSlots * tc_ld(DV)) + warp * tc_query_warp_smem<T>(D, DV);
+  T* sQ = reinterpret_cast<T*>(wbase);                          // [16][tc_ld(D)]
+  float* sS = reinterpret_cast<float*>(sQ + kTcRows * tc_ld(D));  // [16][kTcLdS]
+  T* sP = reinterpret_cast<T*>(sS + kTcRows * kTcLdS);           // [16][kTcLdS]
+  float* sO = reinterpret_cast<float*>(sP + kTcRows * kTcLdS);   // [16][tc_ld(DV)]
 
   const float* klm = static_cast<const float*>(a.y.data) + static_cast<int64_t>(bh) * p.ms * D;
   const float* wlm = static_cast<const float*>(a.v.data) + static_cast<int64_t>(bh) * p.ms * DV;
   for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) {
     const int r = i / D;
-    sK[i] = from_acc<T>(r < ny ? klm[static_cast<int64_t>(r) * D + i % D] : 0.0f);
+    sK[r * tc_ld(D) + i % D] = from_acc<T>(r < ny ? klm[static_cast<int64_t>(r) * D + i % D] : 0.0f);
   }
   for (int i = tid; i < kTcSlots * DV; i += kTcWarps * 32) {
     const int r = i / DV;
-    sW[i] = from_acc<T>(r < ny ? wlm[static_cast<int64_t>(r) * DV + i % DV] : 0.0f);
+    sW[r * tc_ld(DV) + i % DV] = from_acc<T>(r < ny ? wlm[static_cast<int64_t>(r) * DV + i % DV] : 0.0f);
   }
   __syncthreads();
   const float scale = static_cast<float>(p.scale);
@@ -252,19 +275,19 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
     float mx = -CUDART_INF_F;
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);
-      if (c < ny) mx = fmaxf(mx, sS[r * kTcSlots + c] * scale);
+      if (c < ny) mx = fmaxf(mx, sS[r * kTcLdS + c] * scale);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     float sum = 0.0f;
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);
-      if (c < ny) sum += expf(sS[r * kTcSlots + c] * scale - mx);
+      if (c < ny) sum += expf(sS[r * kTcLdS + c] * scale - mx);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     const float inv = 1.0f / sum;
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);
-      sP[r * kTcSlots + c] = from_acc<T>(c < ny ? expf(sS[r * kTcSlots + c] * scale - mx) * inv : 0.0f);
+      sP[r * kTcLdS + c] = from_acc<T>(c < ny ? expf(sS[r * kTcLdS + c] * scale - mx) * inv : 0.0f);
     }
     if (half == 0 && x0 + r < nx) {
       const int64_t pos = position(a.out.index, a.out.npad, b, x0 + r);
@@ -280,7 +303,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
       if (x0 + rr >= nx) continue;
       const int64_t pos = position(a.out.index, a.out.npad, b, x0 + rr);
       T* orow = static_cast<T*>(a.out.data) + b * a.out.sb + h * a.out.sh + pos * a.out.sr;
-      store8(orow + c8, sO + rr * DV + c8);
+      store8(orow + c8, sO + rr * tc_ld(DV) + c8);
     }
     __syncwarp();
   }
@@ -308,28 +331,27 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
   const int per = split_length(ny, a.splits, kTcSlots);
   const int y0 = min(ny, static_cast<int>(blockIdx.y) * per), y1 = min(ny, y0 + per);
   NYSTROM_DYNAMIC_SHARED(smem_raw);
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // [64][D] all owner rows
-  T* sK = sQ + kTcSlots * D;                // [64][D]
-  T* sV = sK + kTcSlots * D;                // [64][DV]
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // [64][tc_ld(D)] all owner rows
+  T* sK = sQ + kTcSlots * tc_ld(D);         // [64][tc_ld(D)]
+  T* sV = sK + kTcSlots * tc_ld(D);         // [64][tc_ld(DV)]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  unsigned char* wbase = reinterpret_cast<unsigned char*>(sV + kTcSlots * DV) +
-                         warp * (sizeof(float) * kTcRows * kTcSlots + sizeof(T) * kTcRows * kTcSlots +
-                                 sizeof(float) * kTcRows * DV + sizeof(float) * kTcRows);
-  float* sS = reinterpret_cast<float*>(wbase);                    // [16][64]
-  T* sP = reinterpret_cast<T*>(sS + kTcRows * kTcSlots);           // [16][64]
-  float* sO = reinterpret_cast<float*>(sP + kTcRows * kTcSlots);   // [16][DV]
-  float* sAlpha = sO + kTcRows * DV;                               // [16]
+  unsigned char* wbase =
+      reinterpret_cast<unsigned char*>(sV + kTcSlots * tc_ld(DV)) + warp * tc_landmark_warp_smem<T>(DV);
+  float* sS = reinterpret_cast<float*>(wbase);                 // [16][kTcLdS]
+  T* sP = reinterpret_cast<T*>(sS + kTcRows * kTcLdS);          // [16][kTcLdS]
+  float* sO = reinterpret_cast<float*>(sP + kTcRows * kTcLdS);  // [16][tc_ld(DV)]
+  float* sAlpha = sO + kTcRows * tc_ld(DV);                     // [16]
 
   const float* qlm = static_cast<const float*>(a.x.data) + static_cast<int64_t>(bh) * p.ms * D;
   for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) {
     const int rr = i / D;
-    sQ[i] = from_acc<T>(rr < nx ? qlm[static_cast<int64_t>(rr) * D + i % D] : 0.0f);
+    sQ[rr * tc_ld(D) + i % D] = from_acc<T>(rr < nx ? qlm[static_cast<int64_t>(rr) * D + i % D] : 0.0f);
   }
-  for (int i = lane; i < kTcRows * DV; i += 32) sO[i] = 0.0f;
+  for (int i = lane; i < kTcRows * tc_ld(DV); i += 32) sO[i] = 0.0f;
   const float scale = static_cast<float>(p.scale);
   const int r = lane >> 1, half = lane & 1;
   float m_run = -CUDART_INF_F, l_run = 0.0f;  // row r's statistics (both lanes of the pair agree)
-  const T* sQw = sQ + warp * kTcRows * D;
+  const T* sQw = sQ + warp * kTcRows * tc_ld(D);
   // Key pooling (warp-uniform: D is a multiple of 32): the segment of the
   // current row, the first row of the next segment, column tid's running sum.
   const bool pool = a.part_klm != nullptr && tid < D;
@@ -355,7 +377,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
       for (;;) {
         const int stop = min(rows, next - c0);
 #pragma unroll 4
-        for (; rr < stop; ++rr) ksum += to_acc<float>(sK[rr * D + tid]);
+        for (; rr < stop; ++rr) ksum += to_acc<float>(sK[rr * tc_ld(D) + tid]);
         if (rr == rows) break;
         kpart[static_cast<int64_t>(seg) * D] = ksum;  // row c0 + rr starts segment seg + 1
         ksum = 0.0f;
@@ -369,16 +391,16 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
     float cm = -CUDART_INF_F;
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);
-      if (c < valid) cm = fmaxf(cm, sS[r * kTcSlots + c] * scale);
+      if (c < valid) cm = fmaxf(cm, sS[r * kTcLdS + c] * scale);
     }
     cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
     const float m_new = fmaxf(m_run, cm);  // finite: the chunk has a key
     float ps = 0.0f;
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);
-      const float pe = c < valid ? expf(sS[r * kTcSlots + c] * scale - m_new) : 0.0f;
+      const float pe = c < valid ? expf(sS[r * kTcLdS + c] * scale - m_new) : 0.0f;
       ps += pe;
-      sP[r * kTcSlots + c] = from_acc<T>(pe);
+      sP[r * kTcLdS + c] = from_acc<T>(pe);
     }
     ps += __shfl_xor_sync(0xffffffffu, ps, 1);
     const float alpha = expf(m_run - m_new);
@@ -386,7 +408,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
     m_run = m_new;
     if (half == 0) sAlpha[r] = alpha;
     __syncwarp();
-    for (int i = lane; i < kTcRows * DV; i += 32) sO[i] *= sAlpha[i / DV];
+    for (int i = lane; i < kTcRows * tc_ld(DV); i += 32) sO[i] *= sAlpha[i / tc_ld(DV)];  // the pad too: finite
     __syncwarp();
     tc_product<T, DV>(sP, sV, sO, /*accumulate=*/true);
     __syncwarp();
@@ -403,7 +425,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
     const int rr = warp * kTcRows + i / DV;
     if (rr >= nx) continue;
     const int64_t slot = (static_cast<int64_t>(bh) * a.splits + blockIdx.y) * p.ms + rr;
-    static_cast<float*>(a.part_acc)[slot * DV + i % DV] = sO[i];
+    static_cast<float*>(a.part_acc)[slot * DV + i % DV] = sO[(i / DV) * tc_ld(DV) + i % DV];
   }
 }
 

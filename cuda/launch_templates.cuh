@@ -306,8 +306,8 @@ cudaError_t backward_launch(Kernel kernel, const BackwardArgs& args, size_t smem
 
 // Stages (owner-row buffers) one side of the tensor-core backward runs with:
 // p.tc_stages where its shared memory fits the device, else 1 where that
-// fits, 0 where neither does (D = Dv = 128: query side 208 / 176 KiB, key
-// side 176.5 / 144.5 KiB with 2 / 1 stages; sm_80 has 163 KiB, sm_90 227).
+// fits, 0 where neither does (D = Dv = 128: query side 224 / 190 KiB, key
+// side 190.5 / 156.5 KiB with 2 / 1 stages; sm_80 has 163 KiB, sm_90 227).
 template <typename T, bool kKeySide>
 int tc_backward_stages(const Problem& p) {
   auto need = [&](int stages) {
@@ -320,7 +320,7 @@ int tc_backward_stages(const Problem& p) {
 // Whether the tensor-core backward kernel of one side serves the problem: the
 // forward's shapes (tc_shape_supported), both switches on, and its shared
 // memory with at least one stage on this device (the query side at
-// D = Dv = 128 needs 176 KiB: sm_80 takes the CUDA-core kernel there).
+// D = Dv = 128 needs 190 KiB: sm_80 takes the CUDA-core kernel there).
 template <typename T, bool kKeySide>
 bool tc_backward_usable(const Problem& p) {
   if (!p.tensor_cores || !p.tc_backward || !tc_shape_supported(p.D, p.Dv, p.ms)) return false;

@@ -96,13 +96,15 @@ def dynamic_smem_table() -> list:
     lines.append(f"  {'mm_backward (m<=32/64)':<28}{'fp64':<10}{mm(32, 8):>10}{'ATen':>10}{'ATen':>10}")
     # Tensor cores, float16/bfloat16 (forward_tc_kernels.cuh, backward_tc_kernels.cuh): 4 warps x 16 rows,
     # 64 landmark slots; D = Dv = 64 / 128 (the mixed pairs lie between).
-    tc_q = lambda d: 2 * 64 * 2 * d + 4 * (2 * 16 * d + 4 * 16 * 64 + 2 * 16 * 64 + 4 * 16 * d)
-    tc_l = lambda d: 2 * 64 * 3 * d + 4 * (4 * 16 * 64 + 2 * 16 * 64 + 4 * 16 * d + 4 * 16)
-    # The backward sides: per warp 12 KiB of scratch and, per stage (NYSTROM_CUDA_TC_STAGES), the owner rows.
-    warp_b = lambda d, st: st * 2 * 16 * 2 * d + 2 * 4 * 16 * 64 + 2 * 2 * 16 * 64
-    tc_bq = lambda st: lambda d: 2 * 64 * 2 * d + 4 * 64 * 2 * d + 4 * warp_b(d, st)
-    tc_bk = lambda st: lambda d: 2 * 64 * 2 * d + 4 * 64 * d + 2 * 4 * 64 + 4 * warp_b(d, st)
-    tc_dq = lambda d: 2 * 64 * d + 4 * (2 * 16 * 64 + 4 * 16 * d)
+    # Every line of a tile has 8 elements of padding (kTcPad: no bank conflicts): width w takes w + 8.
+    p = lambda w: w + 8
+    tc_q = lambda d: 2 * 64 * 2 * p(d) + 4 * (2 * 16 * p(d) + 4 * 16 * p(64) + 2 * 16 * p(64) + 4 * 16 * p(d))
+    tc_l = lambda d: 2 * 64 * 3 * p(d) + 4 * (4 * 16 * p(64) + 2 * 16 * p(64) + 4 * 16 * p(d) + 4 * 16)
+    # The backward sides: per warp 13.5 KiB of scratch and, per stage (NYSTROM_CUDA_TC_STAGES), the owner rows.
+    warp_b = lambda d, st: st * 2 * 16 * 2 * p(d) + 2 * 4 * 16 * p(64) + 2 * 2 * 16 * p(64)
+    tc_bq = lambda st: lambda d: 2 * 64 * 2 * p(d) + 4 * 64 * 2 * p(d) + 4 * warp_b(d, st)
+    tc_bk = lambda st: lambda d: 2 * 64 * 2 * p(d) + 4 * 64 * p(d) + 2 * 4 * 64 + 4 * warp_b(d, st)
+    tc_dq = lambda d: 2 * 64 * p(d) + 4 * (2 * 16 * p(64) + 4 * 16 * p(d))
     for name, f in (("tc_query (forward)", tc_q), ("tc_landmark (forward)", tc_l),
                     ("tc_backward_query, 2 stages", tc_bq(2)), ("tc_backward_query, 1 stage", tc_bq(1)),
                     ("tc_backward_key, 2 stages", tc_bk(2)), ("tc_backward_key, 1 stage", tc_bk(1)),

@@ -233,10 +233,13 @@ if [ "$build_ok" = 1 ] || [ "$DRY" = 1 ]; then
         --dtype bfloat16 --repeats 5 --input-sets 2 --sdpa-max-n 16384 --max-seconds 140
     " || true
     if [ -n "$NCU" ] || [ "$DRY" = 1 ]; then
-      # The op's kernels only (namespace nystrom::cuda::kern), one forward+backward after a warm-up.
+      # The op's kernels only (namespace nystrom::cuda::kern), one forward+backward after a warm-up;
+      # with the shared-memory wavefronts and bank conflicts that the emulator's model predicts to be
+      # conflict-free for the WMMA tiles (docs/DESIGN.md §7, padded tiles).
       step ncu "$(log bench.log)" 60 "
         '${NCU:-ncu}' --profile-from-start off --kernel-name-base demangled --kernel-name regex:nystrom \
           --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --metrics l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum \
           '$PY' benchmarks/bench.py --device cuda --profile-point 16384 --dtype bfloat16
       " || true
     else

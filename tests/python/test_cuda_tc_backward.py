@@ -107,9 +107,9 @@ def test_switch_selects_the_kernels(case_id, tc_kernels, cuda_device, monkeypatc
 
 @pytest.mark.skipif(not emulated_library(), reason="another target's limits: the emulated backend's profiles")
 def test_sm80_takes_the_cuda_core_query_side_at_d128(cuda_device, monkeypatch):
-    """The query side at D = Dv = 128 needs 176 KiB of shared memory per block, more than sm_80's 163 KiB opt-in
-    limit: there the float32 CUDA-core query kernel serves it while the key side (144 KiB) keeps the tensor
-    cores, with the same accuracy; on sm_90 both sides take the tensor cores."""
+    """The query side at D = Dv = 128 needs 190 KiB of shared memory per block with one stage, more than sm_80's
+    163 KiB opt-in limit: there the float32 CUDA-core query kernel serves it while the key side (156.5 KiB, one
+    stage) keeps the tensor cores, with the same accuracy; on sm_90 both sides take the tensor cores."""
     from test_emulated import emulator_setting, launched_during
 
     case = CASE["tcb_d128_m64_scattered"]
@@ -176,17 +176,19 @@ def _smem_of_last_launches():
 
 @pytest.mark.skipif(not emulated_library(), reason="the shared memory of a launch: the emulated backend's log")
 def test_stages_set_the_shared_memory_by_the_documented_rule(cuda_device, monkeypatch):
-    """At D = Dv = 128 (bf16): landmark rows 32 KiB, float partials 64 KiB (query side) or 32 KiB + lse and delta
-    (key side), per warp 12 KiB of scratch and 8 KiB of owner rows per stage. sm_90 (227 KiB) runs both sides with
-    the stages asked for; sm_80 (163 KiB) runs the key side with one stage whatever is asked (two would need
-    176.5 KiB) and the query side on CUDA cores (test_sm80_takes_the_cuda_core_query_side_at_d128)."""
+    """At D = Dv = 128 (bf16), every line padded by 8 elements (no bank conflicts): landmark rows 34 KiB, float
+    partials 68 KiB (query side) or 34 KiB + lse and delta (key side), per warp 13.5 KiB of scratch and 8.5 KiB of
+    owner rows per stage. sm_90 (227 KiB) runs both sides with the stages asked for; sm_80 (163 KiB) runs the key
+    side with one stage whatever is asked (two would need 190.5 KiB) and the query side on CUDA cores
+    (test_sm80_takes_the_cuda_core_query_side_at_d128)."""
     from test_emulated import emulator_setting
 
     D = Dv = 128
-    rows, scratch = 2 * 16 * (D + Dv), 2 * 4 * 16 * 64 + 2 * 2 * 16 * 64
-    query = lambda s: 2 * 64 * (D + Dv) + 4 * 64 * (D + Dv) + 4 * (s * rows + scratch)
-    key = lambda s: 2 * 64 * (D + Dv) + 4 * 64 * D + 2 * 4 * 64 + 4 * (s * rows + scratch)
-    assert (query(2), query(1), key(2), key(1)) == (208 << 10, 176 << 10, 180736, 147968)
+    ld = lambda w: w + 8
+    rows, scratch = 2 * 16 * (ld(D) + ld(Dv)), 2 * 4 * 16 * ld(64) + 2 * 2 * 16 * ld(64)
+    query = lambda s: 2 * 64 * (ld(D) + ld(Dv)) + 4 * 64 * (ld(D) + ld(Dv)) + 4 * (s * rows + scratch)
+    key = lambda s: 2 * 64 * (ld(D) + ld(Dv)) + 4 * 64 * ld(D) + 2 * 4 * 64 + 4 * (s * rows + scratch)
+    assert (query(2), query(1), key(2), key(1)) == (224 << 10, 190 << 10, 195072, 160256)
     case = CASE["tcb_d128_m64_scattered"]
     for arch, stages, want_q, want_k in (("sm90", 2, query(2), key(2)), ("sm90", 1, query(1), key(1)),
                                           ("sm80", 2, None, key(1))):
