@@ -111,27 +111,48 @@ __device__ __forceinline__ void tc_stage_landmarks(T* dst, const float* src, int
 
 // acc (64 x W, float, ld tc_ld(W)) += Σ_warps Lᵀ·R over the block's 64 owner
 // rows: L is each warp's 16 x 64 left factor (dS or P, ld kTcLdS) read as a
-// col_major matrix_a (its transpose), R its 16 x W owner rows (ld tc_ld(W)). The 4·W/16 output
-// tiles are dealt to the warps round robin: each tile has one owner, no race.
+// col_major matrix_a (its transpose), R its 16 x W owner rows (ld tc_ld(W)).
+// Warp w owns the output tiles of the column blocks tj = w, w + 4, ... (W/64
+// of them) in all 4 row blocks ti: W/16 tiles, no race. Their accumulators
+// stay live across the 4 warps' contributions, so per contribution the warp
+// loads 4 L fragments and W/64 R fragments (at W = 128: 24 loads per call
+// against 64 when each tile loaded both operands); each tile sums the
+// contributions in warp order, as before.
 template <typename T, int W>
 __device__ __forceinline__ void tc_landmark_partials(float* acc, const T* L0, size_t l_stride, const T* R0,
                                                      size_t r_stride) {
+  static_assert(W % (16 * kTcWarps) == 0, "whole column blocks per warp");
+  constexpr int kRowBlocks = kTcSlots / 16, kColBlocks = W / (16 * kTcWarps);
   const int warp = threadIdx.x / 32;
-  constexpr int kTiles = (kTcSlots / 16) * (W / 16);
-  for (int t = warp; t < kTiles; t += kTcWarps) {
-    const int ti = t / (W / 16), tj = t % (W / 16);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    wmma::load_matrix_sync(c, acc + 16 * ti * tc_ld(W) + 16 * tj, tc_ld(W), wmma::mem_row_major);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[kRowBlocks][kColBlocks];
 #pragma unroll
-    for (int s = 0; s < kTcWarps; ++s) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-      wmma::load_matrix_sync(a, L0 + s * l_stride + 16 * ti, kTcLdS);
-      wmma::load_matrix_sync(bf, R0 + s * r_stride + 16 * tj, tc_ld(W));
-      wmma::mma_sync(c, a, bf, c);
+  for (int ti = 0; ti < kRowBlocks; ++ti)
+#pragma unroll
+    for (int q = 0; q < kColBlocks; ++q) {
+      const int tj = warp + kTcWarps * q;
+      wmma::load_matrix_sync(c[ti][q], acc + 16 * ti * tc_ld(W) + 16 * tj, tc_ld(W), wmma::mem_row_major);
     }
-    wmma::store_matrix_sync(acc + 16 * ti * tc_ld(W) + 16 * tj, c, tc_ld(W), wmma::mem_row_major);
+#pragma unroll
+  for (int s = 0; s < kTcWarps; ++s) {
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf[kColBlocks];
+#pragma unroll
+    for (int q = 0; q < kColBlocks; ++q)
+      wmma::load_matrix_sync(bf[q], R0 + s * r_stride + 16 * (warp + kTcWarps * q), tc_ld(W));
+#pragma unroll
+    for (int ti = 0; ti < kRowBlocks; ++ti) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+      wmma::load_matrix_sync(a, L0 + s * l_stride + 16 * ti, kTcLdS);
+#pragma unroll
+      for (int q = 0; q < kColBlocks; ++q) wmma::mma_sync(c[ti][q], a, bf[q], c[ti][q]);
+    }
   }
+#pragma unroll
+  for (int ti = 0; ti < kRowBlocks; ++ti)
+#pragma unroll
+    for (int q = 0; q < kColBlocks; ++q) {
+      const int tj = warp + kTcWarps * q;
+      wmma::store_matrix_sync(acc + 16 * ti * tc_ld(W) + 16 * tj, c[ti][q], tc_ld(W), wmma::mem_row_major);
+    }
 }
 
 // The landmark share of token r of n cut into ms segments: 1 / its segment's
@@ -268,8 +289,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
     const T* sQ = rows0 + warp * kRows;              // [16][D]
     const T* sG = sQ + kTcRows * tc_ld(D);           // [16][DV] dO
     __syncwarp();
-    tc_logits<T, D>(sQ, sK, sS);
-    tc_logits<T, DV>(sG, sW, sF);
+    tc_logits<T, D, 4>(sQ, sK, sS);
+    tc_logits<T, DV, 4>(sG, sW, sF);
     __syncwarp();
     float delta = 0.0f;
     for (int i = 0; i < 32; ++i) {
@@ -370,8 +391,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
     const T* sK = rows0 + warp * kRows;  // [16][D]
     const T* sV = sK + kTcRows * tc_ld(D);  // [16][DV]
     __syncwarp();
-    tc_logits<T, D>(sK, sL, sS);
-    tc_logits<T, DV>(sV, sB, sG);
+    tc_logits<T, D, 4>(sK, sL, sS);
+    tc_logits<T, DV, 4>(sV, sB, sG);
     __syncwarp();
     for (int i = 0; i < 32; ++i) {
       const int c = tc_column(half, i, lane);

@@ -185,21 +185,34 @@ __device__ __forceinline__ int tc_column(int half, int i, int lane) {
 }
 
 // S (16 x 64, float, ld kTcLdS) = Q (16 x D) · Kᵀ, K (64 x D), both ld tc_ld(D): all in smem.
-template <typename T, int D>
+// GROUP output tiles keep their accumulators live across the k-steps, so each
+// Q fragment is loaded 4 / GROUP times instead of 4 (D/16 x (4/GROUP + 4)
+// fragment loads; each tile sums its k-steps in the same order whatever
+// GROUP). The backward passes (one block per SM, registers to spare) take 4;
+// the forward passes 1: at 4 their registers reach 255 and spill
+// (tc_landmark_kernel, sm_90), for a phase that is not their limit.
+template <typename T, int D, int GROUP = 1>
 __device__ __forceinline__ void tc_logits(const T* sQ, const T* sK, float* sS) {
+  static_assert((kTcSlots / 16) % GROUP == 0, "whole groups of output tiles");
 #pragma unroll
-  for (int j = 0; j < kTcSlots / 16; ++j) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.0f);
+  for (int j0 = 0; j0 < kTcSlots / 16; j0 += GROUP) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[GROUP];
+#pragma unroll
+    for (int j = 0; j < GROUP; ++j) wmma::fill_fragment(acc[j], 0.0f);
 #pragma unroll
     for (int t = 0; t < D / 16; ++t) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
       wmma::load_matrix_sync(a, sQ + 16 * t, tc_ld(D));
-      wmma::load_matrix_sync(b, sK + 16 * j * tc_ld(D) + 16 * t, tc_ld(D));
-      wmma::mma_sync(acc, a, b, acc);
+#pragma unroll
+      for (int j = 0; j < GROUP; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, sK + 16 * (j0 + j) * tc_ld(D) + 16 * t, tc_ld(D));
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
     }
-    wmma::store_matrix_sync(sS + 16 * j, acc, kTcLdS, wmma::mem_row_major);
+#pragma unroll
+    for (int j = 0; j < GROUP; ++j)
+      wmma::store_matrix_sync(sS + 16 * (j0 + j), acc[j], kTcLdS, wmma::mem_row_major);
   }
 }
 
