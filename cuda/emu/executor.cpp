@@ -273,9 +273,24 @@ std::string Executor::compare_fragment_ops(int warp_index) {
 bool Executor::resolve() {
   phase_.clear();
   pos_ = 0;
+  // Warps whose collective is complete: all of them go on under the in-order
+  // schedule; one alone under the others (the highest-numbered, reversed; a
+  // random one, random), so that a warp can run ahead of the others through
+  // any number of collectives up to the next __syncthreads, as warps do on a
+  // GPU: a missing block barrier between one warp's reads of shared memory
+  // and another warp's later writes shows.
+  std::vector<std::size_t> ready;
   for (std::size_t w = 0; w < warps_.size(); ++w) {
+    if (warps_[w].complete) ready.push_back(w);
+  }
+  if (ready.size() > 1 && job_->schedule.order != Order::kInOrder) {
+    const std::size_t pick = job_->schedule.order == Order::kReversed
+                                 ? ready.back()
+                                 : ready[static_cast<std::size_t>(splitmix(rng_) % ready.size())];
+    ready.assign(1, pick);
+  }
+  for (std::size_t w : ready) {
     Warp& wp = warps_[w];
-    if (!wp.complete) continue;
     for (int l = 0; l < wp.size; ++l) {
       const int i = static_cast<int>(w) * 32 + l;
       fibers_[static_cast<std::size_t>(i)].state = State::kRunnable;

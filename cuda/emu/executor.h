@@ -9,7 +9,11 @@
 // warp is, and every live thread waits at one __syncthreads, the block is.
 // The released threads form the next phase, run in the order the schedule
 // gives: ascending thread index, descending, or a permutation drawn from a
-// generator seeded by (seed, block index). A block's run thus depends only
+// generator seeded by (seed, block index). Under the reversed and random
+// schedules only one of the warps whose collective is complete is released
+// at a time (the highest-numbered; a random one), so one warp may run ahead
+// of the others up to the next __syncthreads (warp skew, as a GPU allows);
+// in order, all are, and the warps move in step from collective to collective. A block's run thus depends only
 // on its own index and the schedule, on any OS thread.
 //
 // Divergence. At quiescence, a warp whose lanes wait at a collective while

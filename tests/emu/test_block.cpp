@@ -124,6 +124,59 @@ TEST_F(Emu, MissingBarrierInDynamicSharedMemoryShows) {
   EXPECT_GE(failing, 1);
 }
 
+// ------------------------------------------------------------ warp skew ----
+// Warps run independently on a GPU: between two __syncthreads one warp may
+// pass any number of warp collectives before another starts. Every warp
+// reads a shared value after a collective; the last warp then overwrites it.
+// With kBarrier the overwrite waits for a __syncthreads; without, the
+// in-order schedule (warps in step from collective to collective) still
+// reads the old value everywhere, and the warp skew of the reversed and
+// random schedules lets the last warp write before the others read.
+template <bool kBarrier>
+__global__ void read_then_overwrite(int* out) {
+  NYSTROM_SHARED(int, flag, [1]);
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  if (t == 0) flag[0] = 1;
+  __syncthreads();
+  __syncwarp();
+  const int v = flag[0];
+  if (kBarrier) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+  if (warp == static_cast<int>(blockDim.x) / 32 - 1 && lane == 0) flag[0] = 2;
+  __syncwarp();
+  out[t] = v;
+}
+
+TEST_F(Emu, WarpSkewShowsAMissingBarrierBetweenWarps) {
+  auto run = [](auto kernel) {
+    std::vector<int> out(128, -1);
+    NYSTROM_LAUNCH(kernel, 1, 128, 0, nullptr)(out.data());
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess) << emu::last_error_detail();
+    int stale = 0;
+    for (int v : out) stale += v != 1;
+    return stale;
+  };
+  for (const emu::Schedule& s : emu::standard_schedules()) {
+    emu::set_schedule(s);
+    EXPECT_EQ(run(read_then_overwrite<true>), 0) << s.str();
+  }
+  emu::set_schedule(emu::Schedule{emu::Order::kInOrder, 0});
+  EXPECT_EQ(run(read_then_overwrite<false>), 0) << "in order, the warps move in step";
+  emu::set_schedule(emu::Schedule{emu::Order::kReversed, 0});
+  EXPECT_GT(run(read_then_overwrite<false>), 0) << "reversed: the last warp runs ahead and writes first";
+  // A random warp goes on at each step: some seeds let the last warp write before another warp reads.
+  int seeds_showing = 0;
+  for (std::uint64_t seed = 1; seed <= 16; ++seed) {
+    emu::set_schedule(emu::Schedule{emu::Order::kRandom, seed});
+    EXPECT_EQ(run(read_then_overwrite<true>), 0) << "random:" << seed;
+    seeds_showing += run(read_then_overwrite<false>) > 0;
+  }
+  EXPECT_GT(seeds_showing, 0);
+}
+
 // ------------------------------------------------------------ divergence ----
 int g_branch_line = 0;
 __global__ void barrier_in_branch(float* out) {

@@ -347,20 +347,29 @@ TEST_F(RealKernels, TensorCoreQueryKernelHalf) {
 
 // The tensor-core softmax's column order (tc_column, forward_tc_kernels.cuh):
 // at every step the 32 lanes of a warp (row r = lane / 2, half = lane % 2)
-// read 32 different banks of the float logits sS and write 32 different
-// banks of the 2-byte probabilities sP (row stride 64 elements, 4-byte banks).
+// read 32 different banks of the float logits sS, and the 16 lane pairs write
+// 16 different 4-byte words of the 2-byte probabilities sP, each pair the two
+// halves of one word (padded line pitch kTcLdS = 72 elements); the key side's
+// per-column reads of lse and delta (c % 32) hit 32 different banks too.
 TEST(TensorCoreSoftmax, ColumnOrderIsFreeOfBankConflicts) {
+  ASSERT_EQ(k::kTcLdS, 72);
   for (int i = 0; i < 32; ++i) {
-    bool s_bank[32] = {}, p_bank[32] = {};
+    bool s_bank[32] = {}, c_bank[32] = {};
+    int p_word[32];
+    for (int& w : p_word) w = -1;
     for (int lane = 0; lane < 32; ++lane) {
       const int r = lane >> 1, half = lane & 1, c = k::tc_column(half, i, lane);
-      ASSERT_GE(c, half * 32);
-      ASSERT_LT(c, half * 32 + 32);
-      const int sb = (r * k::kTcSlots + c) % 32;            // float: one element per bank word
-      const int pb = ((r * k::kTcSlots + c) * 2 / 4) % 32;  // 2-byte elements, two per word
+      ASSERT_GE(c, 0);
+      ASSERT_LT(c, 64);
+      ASSERT_EQ(c % 2, half);                            // a lane keeps to its parity
+      const int sb = (r * k::kTcLdS + c) % 32;           // float: one element per bank word
+      const int pw = (r * k::kTcLdS + c) * 2 / 4;        // 2-byte elements, two per word
       EXPECT_FALSE(s_bank[sb]) << "step " << i << " lane " << lane << ": sS bank " << sb << " taken";
-      EXPECT_FALSE(p_bank[pb]) << "step " << i << " lane " << lane << ": sP bank " << pb << " taken";
-      s_bank[sb] = p_bank[pb] = true;
+      EXPECT_TRUE(p_word[pw % 32] == -1 || p_word[pw % 32] == pw)
+          << "step " << i << " lane " << lane << ": sP bank " << pw % 32 << " holds another word";
+      EXPECT_FALSE(c_bank[c % 32]) << "step " << i << " lane " << lane << ": lse/delta bank taken";
+      s_bank[sb] = c_bank[c % 32] = true;
+      p_word[pw % 32] = pw;
     }
   }
   // over its 32 steps a lane visits each of its 32 columns once
