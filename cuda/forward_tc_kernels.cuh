@@ -375,13 +375,23 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
   int next = static_cast<int>(segment_start(seg + 1, ny, e.mk));
   float ksum = 0.0f;
 
+  // The key and value rows of a chunk load by cp.async (16-byte chunks, 8 per
+  // thread at D = 128) into the one buffer each has, while the block works on
+  // what the other holds: the values of chunk c load during its pooling,
+  // logits and softmax (sV is free once every warp is past chunk c - 1's
+  // product), the keys of chunk c + 1 during chunk c's softmax and product
+  // (sK is free once every warp has its logits). No shared memory beyond the
+  // single buffers: two blocks per SM still fit.
+  if (y0 < y1) {
+    tc_stage_rows_async<T, D, kTcSlots, kTcWarps * 32>(sK, a.y, b, h, y0, y1, tid);
+    __pipeline_commit();
+  }
   for (int c0 = y0; c0 < y1; c0 += kTcSlots) {
-    __syncthreads();  // the previous chunk is consumed (and sQ is loaded)
-    // 16-byte chunks, 8 per thread at D = 128 (tc_stage_rows)
-    tc_stage_rows<T, D, kTcSlots, kTcWarps * 32>(sK, a.y, b, h, c0, y1, tid);
-    tc_stage_rows<T, DV, kTcSlots, kTcWarps * 32>(sV, a.v, b, h, c0, y1, tid);
-    __syncthreads();
-    if (pool) {  // sK is read only until the next chunk's barrier
+    __pipeline_wait_prior(0);  // this chunk's keys (issued during the previous chunk, or above)
+    __syncthreads();           // ... landed for every thread; sQ is loaded; every warp is past the last product
+    tc_stage_rows_async<T, DV, kTcSlots, kTcWarps * 32>(sV, a.v, b, h, c0, y1, tid);
+    __pipeline_commit();
+    if (pool) {  // sK is read only until the barrier after the logits
       // Runs of rows of one segment, without a per-row test (a chunk meets
       // one or two segments at 16K keys, 64 landmarks); each boundary flushes
       // the finished segment. Segments have at least one row (mk <= ny).
@@ -399,7 +409,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
       }
     }
     tc_logits<T, D>(sQw, sK, sS);
-    __syncwarp();
+    __syncthreads();  // every warp has its logits and the pooling is done: sK is free
+    if (c0 + kTcSlots < y1) tc_stage_rows_async<T, D, kTcSlots, kTcWarps * 32>(sK, a.y, b, h, c0 + kTcSlots, y1, tid);
+    __pipeline_commit();  // possibly empty: one batch per step
     const int valid = y1 - c0;  // keys of this chunk
     float cm = -CUDART_INF_F;
     for (int i = 0; i < 32; ++i) {
@@ -422,7 +434,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
     if (half == 0) sAlpha[r] = alpha;
     __syncwarp();
     for (int i = lane; i < kTcRows * tc_ld(DV); i += 32) sO[i] *= sAlpha[i / tc_ld(DV)];  // the pad too: finite
-    __syncwarp();
+    __pipeline_wait_prior(1);  // this chunk's values (the next chunk's keys may stay in flight)
+    __syncthreads();           // ... landed for every thread
     tc_product<T, DV>(sP, sV, sO, /*accumulate=*/true);
     __syncwarp();
   }
