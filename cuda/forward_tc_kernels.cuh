@@ -129,7 +129,11 @@ __device__ __forceinline__ void store8(T* dst, const float* src) {
 // them; a warp's 16 rows with t = lane, a block's 64 with t = threadIdx.x).
 // The trip count is known at compile time (W / 16 chunks per thread for a
 // warp's rows): all of a thread's loads are issued before the first is used.
-template <typename T, int W, int ROWS, int THREADS>
+// ASYNC: the aligned chunks go by cp.async (sm_80+) and land by the caller's
+// __pipeline_wait_prior (the caller commits the batch); padding rows and rows
+// that are not 16-byte aligned are written at once with plain stores, so the
+// caller's wait and barrier publish every chunk alike.
+template <typename T, int W, int ROWS, int THREADS, bool ASYNC = false>
 __device__ __forceinline__ void tc_stage_rows(T* dst, const RowsView& x, int b, int h, int x0, int n, int t) {
   static_assert((ROWS * W / 8) % THREADS == 0, "whole 16-byte chunks per thread");
 #pragma unroll
@@ -137,28 +141,8 @@ __device__ __forceinline__ void tc_stage_rows(T* dst, const RowsView& x, int b, 
     const int i = t + THREADS * it;
     const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
     if (x0 + rr < n) {
-      copy8(dst + rr * tc_ld(W) + c8, row_ptr<T>(x, b, h, x0 + rr) + c8);
-    } else {
-      zero8(dst + rr * tc_ld(W) + c8);
-    }
-  }
-}
-
-// tc_stage_rows with asynchronous copies (cp.async, sm_80+): the aligned
-// 16-byte chunks are issued and land by the caller's __pipeline_wait_prior;
-// rows >= n and rows that are not 16-byte aligned are written at once (plain
-// stores), so the caller's wait and barrier publish every chunk alike. The
-// caller commits the batch.
-template <typename T, int W, int ROWS, int THREADS>
-__device__ __forceinline__ void tc_stage_rows_async(T* dst, const RowsView& x, int b, int h, int x0, int n, int t) {
-  static_assert((ROWS * W / 8) % THREADS == 0, "whole 16-byte chunks per thread");
-#pragma unroll
-  for (int it = 0; it < ROWS * W / 8 / THREADS; ++it) {
-    const int i = t + THREADS * it;
-    const int rr = i / (W / 8), c8 = (i % (W / 8)) * 8;
-    if (x0 + rr < n) {
       const T* src = row_ptr<T>(x, b, h, x0 + rr) + c8;
-      if (aligned16(src)) {
+      if (ASYNC && aligned16(src)) {
         __pipeline_memcpy_async(dst + rr * tc_ld(W) + c8, src, 16);
       } else {
         copy8(dst + rr * tc_ld(W) + c8, src);
@@ -167,6 +151,10 @@ __device__ __forceinline__ void tc_stage_rows_async(T* dst, const RowsView& x, i
       zero8(dst + rr * tc_ld(W) + c8);
     }
   }
+}
+template <typename T, int W, int ROWS, int THREADS>
+__device__ __forceinline__ void tc_stage_rows_async(T* dst, const RowsView& x, int b, int h, int x0, int n, int t) {
+  tc_stage_rows<T, W, ROWS, THREADS, true>(dst, x, b, h, x0, n, t);
 }
 
 // The softmax of a warp's 16 x 64 logits runs on lane pairs: lane l owns row

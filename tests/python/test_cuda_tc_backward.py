@@ -165,13 +165,9 @@ def test_stages_agree_bitwise(case_id, dtype, cuda_device, monkeypatch):
 
 
 def _smem_of_last_launches():
-    from test_emulated import emulator
+    from test_emulated import per_kernel
 
-    out = {}
-    for line in emulator("smem").splitlines():
-        name, _, n = line.rpartition("=")
-        out[name] = int(n)
-    return out
+    return {name: n for name, (n,) in per_kernel("smem").items()}
 
 
 @pytest.mark.skipif(not emulated_library(), reason="the shared memory of a launch: the emulated backend's log")

@@ -41,12 +41,18 @@ def emulator_setting(command, value):
         emulator(command, before)
 
 
+def per_kernel(command):
+    """The emulator's per-kernel report `command` ("kernels", "smem", "banks": one "name=v[,v...]" line per
+    kernel) as name -> tuple of ints."""
+    out = {}
+    for line in emulator(command).splitlines():
+        name, _, values = line.rpartition("=")
+        out[name] = tuple(int(x) for x in values.split(","))
+    return out
+
+
 def kernels_launched():
-    counts = {}
-    for line in emulator("kernels").splitlines():
-        name, _, n = line.rpartition("=")
-        counts[name] = int(n)
-    return counts
+    return {name: n for name, (n,) in per_kernel("kernels").items()}
 
 
 def launched_during(fn):
@@ -86,11 +92,7 @@ def test_schedules_agree_bitwise(case_id, dtype, cuda_device):
 
 def bank_traffic():
     """kernel -> (instructions, wavefronts, conflict-free wavefronts) of its WMMA shared-memory loads and stores."""
-    out = {}
-    for line in emulator("banks").splitlines():
-        name, _, counts = line.rpartition("=")
-        out[name] = tuple(int(x) for x in counts.split(","))
-    return out
+    return per_kernel("banks")
 
 
 @pytest.mark.parametrize("D,Dv,dtype", [(64, 64, torch.float16), (128, 128, torch.bfloat16), (128, 64, torch.bfloat16)])
