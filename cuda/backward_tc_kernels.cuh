@@ -40,9 +40,11 @@ namespace kern {
 // next tile's rows are in flight (cp.async) while the warps work on this one.
 // Every tile's lines are padded by kTcPad elements (tc_ld, kTcLdS: no bank
 // conflicts, forward_tc_kernels.cuh).
+// Elements of one warp's owner rows in one stage: 16 lines of x, then 16 of g.
+constexpr size_t tc_backward_row_elems(int D, int DV) { return kTcRows * (tc_ld(D) + tc_ld(DV)); }
 template <typename T>
 constexpr size_t tc_backward_rows_smem(int D, int DV) {
-  return sizeof(T) * kTcRows * (tc_ld(D) + tc_ld(DV));
+  return sizeof(T) * tc_backward_row_elems(D, DV);
 }
 template <typename T>
 constexpr size_t tc_backward_scratch_smem() {
@@ -81,9 +83,9 @@ __device__ __forceinline__ void tc_stage_owner_rows(T* dst, const BackwardArgs& 
 template <typename T, int D, int DV>
 __device__ __forceinline__ int tc_owner_rows_ready(T* rows, const BackwardArgs& a, int b, int h, int xb, int step,
                                                    int nx, int tile) {
-  constexpr size_t kStage = kTcWarps * kTcRows * (tc_ld(D) + tc_ld(DV));  // elements per stage buffer
+  constexpr size_t kStage = kTcWarps * tc_backward_row_elems(D, DV);  // elements per stage buffer
   const int warp = threadIdx.x / 32;
-  T* mine = rows + warp * kTcRows * (tc_ld(D) + tc_ld(DV));
+  T* mine = rows + warp * tc_backward_row_elems(D, DV);
   if (a.stages == 2) {
     const int buf = tile & 1;
     if (tile == 0) tc_stage_owner_rows<T, D, DV>(mine, a, b, h, xb + warp * kTcRows, nx);
@@ -259,7 +261,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_query_kernel(Bac
   float* accK = reinterpret_cast<float*>(sW + kTcSlots * tc_ld(DV));  // [64][D]
   float* accW = accK + kTcSlots * tc_ld(D);                            // [64][DV]
   T* rows = reinterpret_cast<T*>(accW + kTcSlots * tc_ld(DV));         // [stages][warps][16][D], [16][DV]: q, dO
-  constexpr size_t kRows = kTcRows * (tc_ld(D) + tc_ld(DV));  // elements of a warp's owner rows
+  constexpr size_t kRows = tc_backward_row_elems(D, DV);  // elements of a warp's owner rows
   unsigned char* scratch0 = reinterpret_cast<unsigned char*>(rows + a.stages * kTcWarps * kRows);
   constexpr size_t kScratch = tc_backward_scratch_smem<T>();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -358,7 +360,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_backward_key_kernel(Backw
   float* slse = acc + kTcSlots * tc_ld(D);                            // [64]
   float* sdel = slse + kTcSlots;                                      // [64]
   T* rows = reinterpret_cast<T*>(sdel + kTcSlots);                    // [stages][warps][16][D], [16][DV]: k, v
-  constexpr size_t kRows = kTcRows * (tc_ld(D) + tc_ld(DV));
+  constexpr size_t kRows = tc_backward_row_elems(D, DV);
   unsigned char* scratch0 = reinterpret_cast<unsigned char*>(rows + a.stages * kTcWarps * kRows);
   constexpr size_t kScratch = tc_backward_scratch_smem<T>();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
