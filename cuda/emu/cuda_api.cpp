@@ -259,6 +259,42 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
   return cudaErrorInvalidValue;
 }
 
+cudaError_t occupancy_max_active_blocks(int* num_blocks, const void* kernel, int block_size,
+                                        std::size_t dynamic_smem) {
+  cudaError_t s;
+  if (is_sticky(&s)) return s;
+  if (num_blocks == nullptr) {
+    set_error(cudaErrorInvalidValue, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: null numBlocks pointer");
+    return cudaErrorInvalidValue;
+  }
+  if (kernel == nullptr) {
+    set_error(cudaErrorInvalidDeviceFunction, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: null kernel");
+    return cudaErrorInvalidDeviceFunction;
+  }
+  const Profile& p = profile();
+  if (block_size <= 0 || block_size > p.max_threads_per_block) {
+    set_error(cudaErrorInvalidValue, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: block size " +
+                                         std::to_string(block_size) + " outside 1.." +
+                                         std::to_string(p.max_threads_per_block));
+    return cudaErrorInvalidValue;
+  }
+  const std::lock_guard<std::mutex> lock(detail::kernels_mutex());
+  const detail::KernelInfo& k = detail::kernel_info(kernel, nullptr);
+  const std::size_t dyn_limit =
+      k.max_dynamic >= 0 ? static_cast<std::size_t>(k.max_dynamic)
+                         : static_cast<std::size_t>(p.smem_per_block) - std::min<std::size_t>(k.static_bytes, p.smem_per_block);
+  if (dynamic_smem > dyn_limit) {
+    *num_blocks = 0;
+    return cudaSuccess;
+  }
+  const int warps = (block_size + 31) / 32;
+  const std::size_t per_block = dynamic_smem + k.static_bytes + 1024;
+  const long long by_smem = static_cast<long long>(p.smem_per_sm) / static_cast<long long>(per_block);
+  const long long by_threads = p.threads_per_sm / (32 * warps);
+  *num_blocks = static_cast<int>(std::min<long long>({by_smem, by_threads, p.blocks_per_sm}));
+  return cudaSuccess;
+}
+
 cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device) {
   cudaError_t s;
   if (is_sticky(&s)) return s;

@@ -70,6 +70,8 @@ struct Profile {
   int smem_per_block;       // static + default dynamic: 48 KiB
   int smem_optin;           // cudaDevAttrMaxSharedMemoryPerBlockOptin
   int smem_per_sm;
+  int threads_per_sm;       // resident threads per SM (the occupancy calculator's limits)
+  int blocks_per_sm;        // resident blocks per SM
 };
 
 /// The profile launches are checked against. The process starts with
@@ -139,6 +141,19 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 template <class... P>
 cudaError_t func_set_attribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
   return func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+/// cudaOccupancyMaxActiveBlocksPerMultiprocessor: the resident blocks per SM
+/// of `kernel` at `block_size` threads and `dynamic_smem` bytes, by the
+/// profile's threads, blocks and shared memory per SM (each block reserving
+/// 1 KiB, its static shared memory as seen in its launches so far). Registers
+/// are not modelled (only the compiler knows them): on a GPU the count can be
+/// lower. 0 when the dynamic shared memory is above what the kernel has been
+/// opted in to (cudaFuncSetAttribute) or the profile's per-block limit.
+cudaError_t occupancy_max_active_blocks(int* num_blocks, const void* kernel, int block_size, std::size_t dynamic_smem);
+template <class... P>
+cudaError_t occupancy_max_active_blocks(int* num_blocks, void (*kernel)(P...), int block_size,
+                                        std::size_t dynamic_smem) {
+  return occupancy_max_active_blocks(num_blocks, reinterpret_cast<const void*>(kernel), block_size, dynamic_smem);
 }
 cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t get_device(int* device);
@@ -223,6 +238,7 @@ Launch<P...> launcher(void (*kernel)(P...), const char* expr, const char* file, 
 #define cudaGetErrorName ::nystrom::emu::get_error_name
 #define cudaFuncSetAttribute ::nystrom::emu::func_set_attribute
 #define cudaDeviceGetAttribute ::nystrom::emu::device_get_attribute
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::nystrom::emu::occupancy_max_active_blocks
 #define cudaGetDevice ::nystrom::emu::get_device
 #define cudaSetDevice ::nystrom::emu::set_device
 #define cudaGetDeviceCount ::nystrom::emu::get_device_count

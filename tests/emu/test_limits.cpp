@@ -179,6 +179,55 @@ TEST_F(Emu, DeviceAttributesFollowTheProfile) {
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidDevice);
 }
 
+// ------------------------------------------------------------ occupancy ----
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor by the profile's threads,
+// blocks and shared memory per SM (1 KiB reserved per block); registers are
+// not modelled.
+TEST_F(Emu, OccupancyFollowsTheProfile) {
+  int n = -1;
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 128, 0), cudaSuccess);
+  EXPECT_EQ(n, 16);  // 2048 threads
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 32, 0), cudaSuccess);
+  EXPECT_EQ(n, 32);  // 32 blocks
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 100, 0), cudaSuccess);
+  EXPECT_EQ(n, 16);  // whole warps: 128 threads' worth
+  // above 48 KiB only once opted in; then 228 KiB per SM
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 128, 112 * 1024), cudaSuccess);
+  EXPECT_EQ(n, 0);
+  ASSERT_EQ(cudaFuncSetAttribute(touch, cudaFuncAttributeMaxDynamicSharedMemorySize, 150 * 1024), cudaSuccess);
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 128, 112 * 1024), cudaSuccess);
+  EXPECT_EQ(n, 2);  // the tensor-core query pass at D = Dv = 128
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 128, 72 * 1024), cudaSuccess);
+  EXPECT_EQ(n, 3);  // at D = Dv = 64
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 128, 151 * 1024), cudaSuccess);
+  EXPECT_EQ(n, 0);  // above the opt-in
+  // static shared memory counts once a launch has shown it
+  std::vector<float> out(32);
+  NYSTROM_LAUNCH(static_and_dynamic, 1, 32, 8192, nullptr)(out.data());
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess) << emu::last_error_detail();
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, static_and_dynamic, 32, 8192), cudaSuccess);
+  EXPECT_EQ(n, 4);  // 233472 / (40960 + 8192 + 1024)
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, static_and_dynamic, 32, 8193), cudaSuccess);
+  EXPECT_EQ(n, 0);  // above 48 KiB less the static part, not opted in
+  // bad arguments
+  EXPECT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 0, 0), cudaErrorInvalidValue);
+  EXPECT_TRUE(failed_with(cudaErrorInvalidValue, {"block size 0", "1..1024"}));
+  EXPECT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 1025, 0), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(nullptr, touch, 128, 0), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  // sm86: 1536 threads, 16 blocks, 100 KiB per SM
+  ASSERT_TRUE(emu::set_arch("sm86"));
+  emu::reset();
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 128, 0), cudaSuccess);
+  EXPECT_EQ(n, 12);
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 32, 0), cudaSuccess);
+  EXPECT_EQ(n, 16);
+  ASSERT_EQ(cudaFuncSetAttribute(touch, cudaFuncAttributeMaxDynamicSharedMemorySize, 72 * 1024), cudaSuccess);
+  ASSERT_EQ(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, touch, 128, 72 * 1024), cudaSuccess);
+  EXPECT_EQ(n, 1);
+}
+
 // ------------------------------------------------------------ schedules ----
 TEST_F(Emu, ScheduleParsing) {
   emu::Schedule s;
