@@ -29,6 +29,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace nystrom::cuda {
 namespace kern {
@@ -72,6 +73,29 @@ template <typename A> __device__ __forceinline__ A warp_max(A x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
+}
+
+// ------------------------------------------------------ 16-byte vectors ----
+// A global row moves 16 bytes per lane and instruction where its address
+// allows; an unaligned one (a tensor sliced at an odd offset, a row stride
+// that is not a multiple of 16 bytes) element by element. The emulation
+// copies bytes (no type punning); nvcc emits one 128-bit access.
+struct alignas(16) Pack16 {
+  unsigned int w[4];
+};
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+// The 16 / sizeof(T) elements at src (16-byte aligned) into registers.
+template <typename T>
+__device__ __forceinline__ void load16(T (&dst)[16 / sizeof(T)], const T* src) {
+#if defined(__CUDACC__)
+  const Pack16 v = *reinterpret_cast<const Pack16*>(src);
+  memcpy(dst, &v, 16);
+#else
+  __builtin_memcpy(dst, src, 16);
+#endif
 }
 
 // ------------------------------------------------------------- elements ----

@@ -10,14 +10,24 @@ namespace kern {
 
 // ------------------------------------------------------ landmark pooling ----
 // One block per (landmark j, head): the mean of the segment's real rows.
-// Warps stride over rows, lanes over columns; the eight partial sums are
-// added in warp order. The row loop is unrolled by 2 so that a warp has two
-// rows' loads in flight (the sums keep their order: the same bits; by 4,
-// ptxas spills 16 bytes on sm_80).
+// A row is read in 16-byte chunks of V = 16 / sizeof(T) elements (8 in half
+// precision): `lpr` lanes cover it (the power of two >= its chunks, at most
+// 32), so a warp reads 32 / lpr rows per load instruction (2 at D = 128 in
+// half precision, 512 bytes; 2-byte loads per lane took 64 bytes per
+// instruction and 8x the instructions). Lane (g, c) of a warp adds rows
+// warp·G + g + 8·G·i (G = 32 / lpr), chunks c, c + lpr, ...: kMaxHeadDim / 32
+// accumulators whatever the dtype. A row that is not 16-byte aligned, and a
+// last chunk that runs past d (d not a multiple of V), are read element by
+// element into the same accumulators. Sums: each lane over its rows in row
+// order, the G row groups of a warp by a fixed shuffle tree, then the 8 warps
+// in warp order: the same bits on every call.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pool_kernel(Problem p, int bh0, Side side, Only only, RowsView x, int d,
                                                         typename Acc<T>::type* out) {
   using A = typename Acc<T>::type;
+  constexpr int V = 16 / sizeof(T);
+  constexpr int NT = kMaxHeadDim / V >= 32 ? kMaxHeadDim / V / 32 : 1;  // chunks per lane, at most
+  static_assert(NT * V == kMaxHeadDim / 32, "kMaxHeadDim / 32 accumulators per lane");
   NYSTROM_SHARED(A, red, [kWarps][kMaxHeadDim]);
   const int j = blockIdx.x, bh = bh0 + blockIdx.y, b = bh / p.H, h = bh % p.H;
   const Elem e = element(p, b);
@@ -27,22 +37,47 @@ __global__ void __launch_bounds__(kThreads) pool_kernel(Problem p, int bh0, Side
   if (j >= ms) return;
   const int64_t r0 = segment_start(j, n, ms), r1 = segment_start(j + 1, n, ms);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  A acc[kMaxHeadDim / 32];
+  const int chunks = (d + V - 1) / V;
+  int lpr = 1;
+  while (lpr < chunks && lpr < 32) lpr *= 2;
+  const int groups = 32 / lpr, g = lane / lpr, cl = lane % lpr;
+  A acc[NT][V];
 #pragma unroll
-  for (int t = 0; t < kMaxHeadDim / 32; ++t) acc[t] = A(0);
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc[t][u] = A(0);
 #pragma unroll 2
-  for (int64_t r = r0 + warp; r < r1; r += kWarps) {
+  for (int64_t r = r0 + warp * groups + g; r < r1; r += kWarps * groups) {
     const T* row = row_ptr<T>(x, b, h, static_cast<int>(r));
 #pragma unroll
-    for (int t = 0; t < kMaxHeadDim / 32; ++t) {
-      const int c = lane + 32 * t;
-      if (c < d) acc[t] += to_acc<A>(row[c]);
+    for (int t = 0; t < NT; ++t) {
+      const int c0 = (cl + lpr * t) * V;
+      if (c0 + V <= d && aligned16(row + c0)) {
+        T vals[V];
+        load16(vals, row + c0);
+#pragma unroll
+        for (int u = 0; u < V; ++u) acc[t][u] += to_acc<A>(vals[u]);
+      } else {
+#pragma unroll
+        for (int u = 0; u < V; ++u)
+          if (c0 + u < d) acc[t][u] += to_acc<A>(row[c0 + u]);
+      }
     }
   }
+  for (int o = lpr; o < 32; o *= 2) {  // warp-uniform: the row groups, lane g ^ (o / lpr) of the same chunks
 #pragma unroll
-  for (int t = 0; t < kMaxHeadDim / 32; ++t) {
-    const int c = lane + 32 * t;
-    if (c < d) red[warp][c] = acc[t];
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[t][u] += __shfl_xor_sync(0xffffffffu, acc[t][u], o);
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        const int c = (cl + lpr * t) * V + u;
+        if (c < d) red[warp][c] = acc[t][u];
+      }
   }
   __syncthreads();
   const A inv = A(1) / static_cast<A>(r1 - r0);

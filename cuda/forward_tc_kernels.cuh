@@ -72,13 +72,7 @@ constexpr size_t tc_landmark_smem(int D, int DV) {
 // is per row, so aligned rows keep the vector path. Consecutive lanes touch
 // consecutive 16-byte chunks of a row: shared-memory stores without bank
 // conflicts (each quarter warp covers 128 contiguous bytes).
-struct alignas(16) Pack16 {
-  unsigned int w[4];
-};
-template <typename T>
-__device__ __forceinline__ bool aligned16(const T* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
-}
+// (Pack16, aligned16: common.cuh.)
 template <typename T>
 __device__ __forceinline__ void copy8(T* dst, const T* src) {  // dst 16-byte aligned (shared memory)
   if (aligned16(src)) {
