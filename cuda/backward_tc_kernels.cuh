@@ -102,15 +102,6 @@ __device__ __forceinline__ int tc_owner_rows_ready(T* rows, const BackwardArgs& 
   return 0;
 }
 
-// 64 float landmark rows of width W (rows >= n zero) to T in shared memory (ld tc_ld(W)).
-template <typename T, int W>
-__device__ __forceinline__ void tc_stage_landmarks(T* dst, const float* src, int n) {
-  for (int i = threadIdx.x; i < kTcSlots * W; i += kTcWarps * 32) {
-    const int r = i / W;
-    dst[r * tc_ld(W) + i % W] = from_acc<T>(r < n ? src[static_cast<int64_t>(r) * W + i % W] : 0.0f);
-  }
-}
-
 // acc (64 x W, float, ld tc_ld(W)) += Σ_warps Lᵀ·R over the block's 64 owner
 // rows: L is each warp's 16 x 64 left factor (dS or P, ld kTcLdS) read as a
 // col_major matrix_a (its transpose), R its 16 x W owner rows (ld tc_ld(W)).

@@ -118,6 +118,42 @@ __device__ __forceinline__ void store8(T* dst, const float* src) {
   }
 }
 
+// 64 float landmark rows of width W (k̃, q̃, W or Z·W of one head: rows of W
+// floats, contiguous; rows >= n zero) to T in shared memory (ld tc_ld(W)), by
+// the block's threads: 4 floats per 16-byte load and 8-byte store, all of a
+// thread's loads (8 at W = 64, 16 at 128) independent. The copy once took a
+// 4-byte load per element (128 per thread at W = 128, from L2), a few
+// tiles' time in each block of the query pass. A source row not 16-byte
+// aligned (a caller of the backward op passing landmarks at an odd offset)
+// is read element by element.
+template <typename T, int W>
+__device__ __forceinline__ void tc_stage_landmarks(T* dst, const float* src, int n) {
+  constexpr int kBlockThreads = kTcWarps * 32;
+  static_assert((kTcSlots * W / 4) % kBlockThreads == 0, "whole 4-float groups per thread");
+#pragma unroll
+  for (int it = 0; it < kTcSlots * W / 4 / kBlockThreads; ++it) {
+    const int i = threadIdx.x + kBlockThreads * it;
+    const int r = i / (W / 4), c = (i % (W / 4)) * 4;
+    float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (r < n) {
+      const float* s = src + static_cast<int64_t>(r) * W + c;
+      if (aligned16(s)) {
+        load16(f, s);
+      } else {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) f[u] = s[u];
+      }
+    }
+    // 8-byte aligned: the pitch is a multiple of 16 bytes, c of 4 elements
+#if defined(__CUDACC__)
+    *reinterpret_cast<uint2*>(dst + r * tc_ld(W) + c) = make_uint2(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]));
+#else
+    const unsigned int w2[2] = {pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3])};
+    __builtin_memcpy(static_cast<void*>(dst + r * tc_ld(W) + c), w2, 8);
+#endif
+  }
+}
+
 // ROWS owner rows x0 .. x0 + ROWS - 1 of width W into dst (ld tc_ld(W)), rows >= n
 // zero, 16 bytes at a time by THREADS threads (t: this thread's index among
 // them; a warp's 16 rows with t = lane, a block's 64 with t = threadIdx.x).
@@ -248,14 +284,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_query_kernel(ForwardArgs 
 
   const float* klm = static_cast<const float*>(a.y.data) + static_cast<int64_t>(bh) * p.ms * D;
   const float* wlm = static_cast<const float*>(a.v.data) + static_cast<int64_t>(bh) * p.ms * DV;
-  for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) {
-    const int r = i / D;
-    sK[r * tc_ld(D) + i % D] = from_acc<T>(r < ny ? klm[static_cast<int64_t>(r) * D + i % D] : 0.0f);
-  }
-  for (int i = tid; i < kTcSlots * DV; i += kTcWarps * 32) {
-    const int r = i / DV;
-    sW[r * tc_ld(DV) + i % DV] = from_acc<T>(r < ny ? wlm[static_cast<int64_t>(r) * DV + i % DV] : 0.0f);
-  }
+  tc_stage_landmarks<T, D>(sK, klm, ny);
+  tc_stage_landmarks<T, DV>(sW, wlm, ny);
   __syncthreads();
   const float scale = static_cast<float>(p.scale);
   const int r = lane >> 1, half = lane & 1;  // softmax: a lane pair per row, 32 columns each (tc_column)
@@ -338,10 +368,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 1) tc_landmark_kernel(ForwardAr
   float* sAlpha = sO + kTcRows * tc_ld(DV);                     // [16]
 
   const float* qlm = static_cast<const float*>(a.x.data) + static_cast<int64_t>(bh) * p.ms * D;
-  for (int i = tid; i < kTcSlots * D; i += kTcWarps * 32) {
-    const int rr = i / D;
-    sQ[rr * tc_ld(D) + i % D] = from_acc<T>(rr < nx ? qlm[static_cast<int64_t>(rr) * D + i % D] : 0.0f);
-  }
+  tc_stage_landmarks<T, D>(sQ, qlm, nx);
   for (int i = lane; i < kTcRows * tc_ld(DV); i += 32) sO[i] = 0.0f;
   const float scale = static_cast<float>(p.scale);
   const int r = lane >> 1, half = lane & 1;

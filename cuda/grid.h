@@ -34,6 +34,24 @@ inline int groups_for_waves(int64_t heads, int64_t tiles, int per_sm, int sm_cou
   return static_cast<int>(best_g);
 }
 
+/// Tiles per block of the forward's query pass (tc_query_kernel: block x of a
+/// head takes the contiguous tiles x * per .. x * per + per - 1, converting
+/// k̃ and W into shared memory once for all of them): `groups_for_waves`'
+/// blocks per head, at most 8 as in the backward (more would buy a tile or
+/// two of tail for a conversion per block: at 16K, 37 blocks of 7 tiles in 9
+/// waves model 63 tile times against 64), then per = ceil(tiles / groups), so
+/// ceil(tiles / per) <= groups blocks per head. At B*H = 64 on 132 SMs with 2
+/// blocks each: 4 blocks of 64 tiles at n = 16K (one wave of 256 blocks), 4
+/// of 8 at 2K. The
+/// former rule (enough blocks for 8 per SM, at most 8 tiles each) launched
+/// 2048 blocks of 8 tiles at 16K (7.8 waves, 8 conversions per block slot)
+/// and 2048 of one tile at 2K (a conversion per tile).
+inline int64_t query_tiles_per_block(int64_t heads, int64_t tiles, int per_sm, int sm_count) {
+  if (tiles <= 0) return 1;
+  const int64_t g = groups_for_waves(heads, tiles, per_sm, sm_count, /*max_groups=*/8);
+  return (tiles + g - 1) / g;
+}
+
 /// Blocks of `smem` dynamic bytes that fit one multiprocessor's shared memory,
 /// taken as the per-block opt-in limit plus the 1 KiB each block reserves
 /// (H100/H200: 227 + 1 = 228 KiB, A100: 163 + 1 = 164), at most `cap`.

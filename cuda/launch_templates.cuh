@@ -10,6 +10,7 @@
 #include "forward_tc_kernels.cuh"
 #include "mm_backward_kernel.cuh"
 #include "newton_schulz_kernel.cuh"
+#include "grid.h"
 #include "static_switch.h"
 
 #include <algorithm>
@@ -95,21 +96,47 @@ constexpr bool is_half() {
   return std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 }
 
+// Resident blocks per SM of `kernel` at `threads` threads and `smem` bytes of
+// dynamic shared memory (after set_smem), by the occupancy calculator:
+// registers, shared memory and threads on a GPU, the last two in the
+// emulation (cuda/emu/runtime.h). 1 if it cannot say.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, size_t smem) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return std::max(n, 1);
+}
+
 // The tensor-core forward kernels, for the (D, Dv) pairs they are built for.
+// The query pass's blocks per head come in whole waves of the blocks that are
+// resident (grid.h: query_tiles_per_block), each walking its tiles with k̃
+// and W converted once.
 template <typename T, bool kLandmarkPass>
-cudaError_t tc_forward(const ForwardArgs& args, int grid_x, int tiles_per_block, cudaStream_t stream) {
+cudaError_t tc_forward(const ForwardArgs& args, cudaStream_t stream) {
   auto launch = [&](auto kernel, size_t smem) {
     const cudaError_t err = set_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
-      ForwardArgs a = args;
-      a.bh0 = bh0;
-      if constexpr (kLandmarkPass) {
+    if constexpr (kLandmarkPass) {
+      return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
+        ForwardArgs a = args;
+        a.bh0 = bh0;
         NYSTROM_LAUNCH(kernel, dim3(1, args.splits, n), kTcWarps * 32, smem, stream)(a);
-      } else {
+      });
+    } else {
+      const Problem& p = args.p;
+      const int64_t tiles = (p.L + kTcWarps * kTcRows - 1) / (kTcWarps * kTcRows);
+      const int64_t per = query_tiles_per_block(static_cast<int64_t>(p.B) * p.H, tiles,
+                                                resident_blocks(kernel, kTcWarps * 32, smem), p.sm_count);
+      const int grid_x = static_cast<int>((tiles + per - 1) / per), tiles_per_block = static_cast<int>(per);
+      return for_head_slices(args.p.B * args.p.H, [&](int bh0, int n) {
+        ForwardArgs a = args;
+        a.bh0 = bh0;
         NYSTROM_LAUNCH(kernel, dim3(grid_x, 1, n), kTcWarps * 32, smem, stream)(a, tiles_per_block);
-      }
-    });
+      });
+    }
   };
   return with_tc_head_dims(args.p.D, args.p.Dv, [&](auto d, auto dv) {
     constexpr int DD = decltype(d)::value, VV = decltype(dv)::value;
@@ -158,7 +185,7 @@ cudaError_t landmark_partials_t(const Problem& p, const void* q_lm, RowsView k, 
   a.splits = splits;
   if constexpr (is_half<T>()) {
     a.part_klm = part_klm;
-    if (tc_usable<T, true>(p)) return tc_forward<T, true>(a, 1, 1, stream);
+    if (tc_usable<T, true>(p)) return tc_forward<T, true>(a, stream);
   }
   const int BR = kWarps * rpw<T>();
   return forward_t<T, true>(a, (p.ms + BR - 1) / BR, splits, stream);
@@ -196,14 +223,7 @@ cudaError_t query_rows_t(const Problem& p, RowsView q, const void* k_lm, const v
   a.lse = lse_q;
   a.splits = 1;
   if constexpr (is_half<T>()) {
-    if (tc_usable<T, false>(p)) {
-      // Enough blocks to fill the GPU; beyond that a block walks several
-      // tiles, converting k̃ and W into shared memory once for all of them.
-      const int64_t sms = p.sm_count > 0 ? p.sm_count : 1;
-      const int64_t tiles = (p.L + kTcWarps * kTcRows - 1) / (kTcWarps * kTcRows);
-      const int64_t per = std::clamp<int64_t>(tiles * p.B * p.H / (8 * sms), 1, 8);
-      return tc_forward<T, false>(a, static_cast<int>((tiles + per - 1) / per), static_cast<int>(per), stream);
-    }
+    if (tc_usable<T, false>(p)) return tc_forward<T, false>(a, stream);
   }
   const int BR = kWarps * rpw<T>();
   return forward_t<T, false>(a, (p.L + BR - 1) / BR, 1, stream);

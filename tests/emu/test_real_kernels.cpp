@@ -427,6 +427,35 @@ TEST(Grid, GroupsForWavesMinimiseWholeWaves) {
   EXPECT_EQ(c::groups_for_waves(64, 0, 1, 132), 1);
 }
 
+// The forward query pass's contiguous tile ranges: every tile of a head in
+// exactly one block, no block without tiles, and the pass's time (waves of
+// the busiest block) that of groups_for_waves' interleaved groups.
+TEST(Grid, QueryTilesPerBlock) {
+  namespace c = nystrom::cuda;
+  for (int64_t heads : {1, 6, 64, 131, 133, 500}) {
+    for (int64_t tiles : {1, 2, 3, 5, 17, 32, 256, 2048}) {
+      for (int per_sm : {1, 2, 3}) {
+        const int64_t per = c::query_tiles_per_block(heads, tiles, per_sm, 132);
+        ASSERT_GE(per, 1);
+        ASSERT_LE(per, tiles);
+        const int64_t blocks = (tiles + per - 1) / per;  // per head, as query_rows_t launches
+        EXPECT_LT((blocks - 1) * per, tiles) << "a block without tiles";
+        EXPECT_GE(blocks * per, tiles) << "tiles left out";
+        const int64_t g = c::groups_for_waves(heads, tiles, per_sm, 132, 8);
+        EXPECT_LE(blocks, g);
+        const int64_t slots = static_cast<int64_t>(per_sm) * 132;
+        EXPECT_EQ((heads * blocks + slots - 1) / slots * per, (heads * g + slots - 1) / slots * ((tiles + g - 1) / g))
+            << "heads " << heads << " tiles " << tiles << " per_sm " << per_sm;
+      }
+    }
+  }
+  // docs/DESIGN.md §7, B·H = 64, 2 blocks per SM: 4 blocks per head of 64
+  // tiles at n = 16K, of 8 at 2K (one wave of 256 blocks)
+  EXPECT_EQ(c::query_tiles_per_block(64, 256, 2, 132), 64);
+  EXPECT_EQ(c::query_tiles_per_block(64, 32, 2, 132), 8);
+  EXPECT_EQ(c::query_tiles_per_block(64, 0, 2, 132), 1);
+}
+
 TEST(Grid, BlocksBySharedMemory) {
   namespace c = nystrom::cuda;
   const size_t h100 = 227 * 1024, a100 = 163 * 1024;

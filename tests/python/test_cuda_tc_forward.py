@@ -115,3 +115,19 @@ def test_key_pooling_kernels_and_schedules(dtype, pooled_in_pass, cuda_device):
     for schedule, res in zip(SCHEDULES[1:], results[1:]):
         for i, (a, b) in enumerate(zip(results[0], res)):
             assert torch.equal(a, b), f"output {i} differs between {SCHEDULES[0]} and {schedule}"
+
+
+def test_query_blocks_walk_several_tiles(cuda_device):
+    """64 heads of 5 query tiles at D = Dv = 128 on the sm90 profile's 132 SMs, 2 resident blocks each by shared
+    memory (grid.h: query_tiles_per_block): 3 blocks per head of 2, 2 and 1 tiles, so a block walks several tiles
+    with k̃ and W converted once, the last one fewer; elements whose real queries end inside a block's first or
+    second tile (trailing padding) leave later tiles and blocks idle."""
+    case = Case("tcf_walk", B=4, H=16, L=300, S=90, D=128, Dv=128, m=16, query_mask=trailing(300, 150, 64, 201))
+    q, k, v, kw = case.build(torch.bfloat16, cuda_device)
+    out = forward(q, k, v, kw)[0]
+    qpm = kw["query_padding_mask"].cpu()
+    ref = nystrom_reference(q.cpu().double(), k.cpu().double(), v.cpu().double(), case.m, query_padding_mask=qpm)
+    real_q = ~qpm[:, None, :, None].expand_as(ref)
+    err = rel_err(out.cpu().double()[real_q], ref[real_q])
+    tol = 4 * torch.finfo(torch.bfloat16).eps
+    assert err < tol, f"output: {err:.3e} >= {tol:.3e}"
